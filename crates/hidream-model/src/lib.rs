@@ -1,0 +1,1 @@
+//! The hidream-model crate (in progress).

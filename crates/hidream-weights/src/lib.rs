@@ -1,0 +1,1 @@
+//! The hidream-weights crate (in progress).
