@@ -124,13 +124,13 @@ impl TransformerConfig {
             out_channels: Some(4),
             num_layers: 2,
             num_single_layers: 2,
-            attention_head_dim: 32,
+            attention_head_dim: 16,
             num_attention_heads: 2,
             caption_channels: vec![32, 24],
             text_emb_dim: 16,
             num_routed_experts: 4,
             num_activated_experts: 2,
-            axes_dims_rope: vec![8, 12, 12],
+            axes_dims_rope: vec![4, 6, 6],
             max_resolution: vec![16, 16],
             llama_layers: vec![2, 0, 2, 2],
             force_inference_output: false,
@@ -349,9 +349,9 @@ mod tests {
                 other => panic!("expected an error on {field}, got {other:?}"),
             }
         }
-        check("axes_dims_rope", |c| c.axes_dims_rope = vec![8, 12, 14]);
-        check("axes_dims_rope", |c| c.axes_dims_rope = vec![16, 16]);
-        check("axes_dims_rope", |c| c.axes_dims_rope = vec![9, 11, 12]);
+        check("axes_dims_rope", |c| c.axes_dims_rope = vec![4, 6, 8]);
+        check("axes_dims_rope", |c| c.axes_dims_rope = vec![8, 8]);
+        check("axes_dims_rope", |c| c.axes_dims_rope = vec![3, 7, 6]);
         check("llama_layers", |c| c.llama_layers.push(0));
         check("num_routed_experts", |c| c.num_routed_experts = 0);
         check("num_activated_experts", |c| c.num_activated_experts = 5);
