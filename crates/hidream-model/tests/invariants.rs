@@ -1,0 +1,170 @@
+//! Properties of the transformer that hold whatever the weights: batching, query chunking, the
+//! patch layout, and the bf16 path staying close to f32. The golden tests against diffusers live in
+//! `tests/golden/transformer/`.
+
+use std::collections::HashMap;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use hidream_config::{DType as StorageDType, TransformerConfig};
+use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs, patchify, scaled_dot_product_attention};
+use hidream_weights::{Checkpoint, InputSpec, SynthOptions};
+
+fn tiny_checkpoint(dir: &std::path::Path) -> Result<(TransformerConfig, Checkpoint)> {
+    let cfg = TransformerConfig::tiny();
+    let options = SynthOptions { seed: 7, dtype: StorageDType::F32, max_shard_bytes: 1 << 20 };
+    hidream_weights::write_synthetic(dir, &cfg, &options)?;
+    Ok((cfg, Checkpoint::open(dir)?))
+}
+
+fn inputs(cfg: &TransformerConfig, batch: usize, height: usize, width: usize, seed: u64) -> Result<TransformerInputs> {
+    let spec = InputSpec { batch, height, width, t5_tokens: 5, llama_tokens: 7, seed };
+    let mut tensors: HashMap<String, Tensor> = hidream_weights::synthetic_inputs(cfg, &spec)?;
+    let mut take = |name: &str| tensors.remove(name).ok_or_else(|| anyhow::anyhow!("no {name}"));
+    Ok(TransformerInputs {
+        hidden_states: take("hidden_states")?,
+        timesteps: take("timesteps")?,
+        encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
+        encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
+        pooled_embeds: take("pooled_embeds")?,
+    })
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn max_abs(a: &Tensor) -> Result<f32> {
+    Ok(a.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Each sample of a batch gets the output it would get alone, on both latent paths.
+#[test]
+fn batch_samples_are_independent() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
+    let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
+    for (height, width) in [(8, 8), (8, 12)] {
+        let batch = inputs(&cfg, 2, height, width, 3)?;
+        let together = model.forward(&batch)?;
+        assert_eq!(together.dims(), &[2, cfg.out_channels(), height, width]);
+        for sample in 0..2 {
+            let pick = |t: &Tensor, dim: usize| t.narrow(dim, sample, 1);
+            let alone = TransformerInputs {
+                hidden_states: pick(&batch.hidden_states, 0)?,
+                timesteps: pick(&batch.timesteps, 0)?,
+                encoder_hidden_states_t5: pick(&batch.encoder_hidden_states_t5, 0)?,
+                encoder_hidden_states_llama3: pick(&batch.encoder_hidden_states_llama3, 1)?,
+                pooled_embeds: pick(&batch.pooled_embeds, 0)?,
+            };
+            let out = model.forward(&alone)?;
+            let diff = max_abs_diff(&out, &together.narrow(0, sample, 1)?)?;
+            assert!(diff <= 1e-5 * max_abs(&out)?.max(1.0), "{height}x{width} sample {sample}: diff {diff}");
+        }
+    }
+    Ok(())
+}
+
+/// Query-chunked attention stays within 1e-5 of the unchunked result, in a whole forward.
+#[test]
+fn chunked_attention_matches_unchunked() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
+    let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
+    let batch = inputs(&cfg, 1, 8, 12, 5)?;
+    let reference = model.forward(&batch)?;
+    for chunk in [1, 7, 16, 1000] {
+        model.transformer_mut().set_attention(AttentionConfig { query_chunk: Some(chunk) });
+        let diff = max_abs_diff(&model.forward(&batch)?, &reference)?;
+        assert!(diff <= 1e-5 * max_abs(&reference)?.max(1.0), "chunk {chunk}: diff {diff}");
+    }
+    Ok(())
+}
+
+/// The attention kernel itself, chunked against unchunked, on uneven sizes.
+#[test]
+fn chunked_sdpa_matches() -> Result<()> {
+    let device = Device::Cpu;
+    let query = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
+    let key = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
+    let value = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
+    let full = scaled_dot_product_attention(&query, &key, &value, AttentionConfig::default())?;
+    for chunk in [1, 5, 36, 37] {
+        let chunked = scaled_dot_product_attention(&query, &key, &value, AttentionConfig { query_chunk: Some(chunk) })?;
+        assert!(max_abs_diff(&full, &chunked)? <= 1e-5, "chunk {chunk}");
+    }
+    // Against softmax(q kᵀ/√d) v written out in f64.
+    let (q, k, v) = (query.to_dtype(DType::F64)?, key.to_dtype(DType::F64)?, value.to_dtype(DType::F64)?);
+    let scores = (q.matmul(&k.t()?)? / 4.0)?;
+    let expected = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?.matmul(&v)?;
+    assert!(max_abs_diff(&full, &expected)? <= 1e-5);
+    Ok(())
+}
+
+/// Square latents give `H/p * W/p` tokens; non-square ones are padded to `max_seq` with a mask,
+/// and both keep diffusers' `(p, p, C)` feature order.
+#[test]
+fn patch_layout() -> Result<()> {
+    let cfg = TransformerConfig::tiny();
+    let device = Device::Cpu;
+    let latents = Tensor::arange(0f32, (2 * 4 * 6 * 4) as f32, &device)?.reshape((2, 4, 6, 4))?;
+    let patches = patchify(&cfg, &latents)?;
+    assert_eq!(patches.tokens.dims(), &[2, cfg.max_seq(), 16]);
+    let mask: Vec<Vec<f32>> = patches.mask.as_ref().ok_or_else(|| anyhow::anyhow!("no mask"))?.to_vec2()?;
+    assert_eq!(mask[1].iter().filter(|m| **m == 1.0).count(), 3 * 2);
+    assert_eq!(patches.positions[3], [0.0, 1.0, 1.0]);
+    assert_eq!(patches.positions[6], [0.0, 0.0, 0.0]);
+    // Token (row 1, col 0) of sample 0: feature (py, px, c) is latents[0, c, 2 + py, px].
+    let token: Vec<f32> = patches.tokens.get(0)?.get(2)?.to_vec1()?;
+    for (feature, value) in token.iter().enumerate() {
+        let (py, px, c) = (feature / 8, (feature / 4) % 2, feature % 4);
+        let expected: f32 = latents.get(0)?.get(c)?.get(2 + py)?.get(px)?.to_scalar()?;
+        assert_eq!(*value, expected, "feature {feature}");
+    }
+    let padding: Vec<f32> = patches.tokens.get(1)?.get(cfg.max_seq() - 1)?.to_vec1()?;
+    assert!(padding.iter().all(|v| *v == 0.0));
+    Ok(())
+}
+
+/// bf16 compute stays within 5% of f32 (relative to the output's scale) on the tiny model.
+#[test]
+fn bf16_tracks_f32() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
+    let batch = inputs(&cfg, 1, 8, 8, 11)?;
+    let reference = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?.forward(&batch)?;
+    let bf16 = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::BF16, &Device::Cpu))?.forward(&batch)?;
+    assert_eq!(bf16.dtype(), DType::BF16);
+    let diff = max_abs_diff(&bf16, &reference)?;
+    assert!(diff <= 0.05 * max_abs(&reference)?.max(1.0), "bf16 diff {diff}");
+    Ok(())
+}
+
+/// Wrong input shapes are typed errors naming the input.
+#[test]
+fn bad_inputs_are_named() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
+    let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
+    let good = inputs(&cfg, 1, 8, 8, 1)?;
+    let check = |edit: &dyn Fn(&mut TransformerInputs) -> Result<()>, name: &str, model: &mut HiDreamModel| -> Result<()> {
+        let mut bad = good.clone();
+        edit(&mut bad)?;
+        match model.forward(&bad) {
+            Err(hidream_model::ModelError::InputShape { name: got, .. }) => assert_eq!(got, name),
+            other => panic!("expected a shape error on {name}, got {other:?}"),
+        }
+        Ok(())
+    };
+    check(&|i| Ok(i.hidden_states = i.hidden_states.narrow(1, 0, 3)?), "hidden_states", &mut model)?;
+    check(&|i| Ok(i.hidden_states = i.hidden_states.narrow(2, 0, 7)?), "hidden_states", &mut model)?;
+    check(&|i| Ok(i.timesteps = Tensor::zeros(2, DType::F32, &Device::Cpu)?), "timesteps", &mut model)?;
+    let t5 = |i: &mut TransformerInputs| Ok(i.encoder_hidden_states_t5 = i.encoder_hidden_states_t5.narrow(2, 0, 8)?);
+    check(&t5, "encoder_hidden_states_t5", &mut model)?;
+    let llama = |i: &mut TransformerInputs| {
+        Ok(i.encoder_hidden_states_llama3 = i.encoder_hidden_states_llama3.narrow(0, 0, 2)?)
+    };
+    check(&llama, "encoder_hidden_states_llama3", &mut model)?;
+    check(&|i| Ok(i.pooled_embeds = i.pooled_embeds.narrow(1, 0, 3)?), "pooled_embeds", &mut model)?;
+    Ok(())
+}
