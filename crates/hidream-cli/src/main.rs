@@ -1,1 +1,45 @@
-fn main() {}
+//! `hidream`: run, synthesise and inspect HiDream-I1 transformers from the command line.
+//!
+//! Every failure is one `error:` line and a non-zero exit status, never a panic backtrace.
+#![forbid(unsafe_code)]
+
+mod forward;
+mod inspect;
+mod synth;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "hidream", version, about = "HiDream-I1 in Rust: exact, and as small in memory as you ask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one transformer forward on tensors dumped from Python (diffusers' argument names).
+    Forward(forward::ForwardArgs),
+    /// Write a synthetic checkpoint in the diffusers layout, and/or matching random inputs.
+    Synth(synth::SynthArgs),
+    /// Print a checkpoint's config and the size of every loadable unit.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Forward(args) => forward::run(&args),
+        Command::Synth(args) => synth::run(&args),
+        Command::Inspect(args) => inspect::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

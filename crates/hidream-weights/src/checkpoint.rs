@@ -1,0 +1,368 @@
+//! `Checkpoint`: one or more memory-mapped safetensors files behind one index from tensor name to
+//! bytes, with lazy loading of single tensors and of units (every tensor under a prefix).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Bound;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use hidream_config::{SizeModel, TransformerConfig};
+use serde::Deserialize;
+
+use crate::error::io_error;
+use crate::header::{Entry, parse_header};
+use crate::mmap::MappedFile;
+use crate::{Result, WeightsError};
+
+/// diffusers' shard index of a transformer saved in several files.
+pub(crate) const INDEX_FILE: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// diffusers' name for a transformer saved in one file.
+pub(crate) const SINGLE_FILE: &str = "diffusion_pytorch_model.safetensors";
+/// The transformer config beside the weights.
+pub(crate) const CONFIG_FILE: &str = "config.json";
+/// The transformer subfolder of a diffusers pipeline root.
+const TRANSFORMER_DIR: &str = "transformer";
+
+/// An opened checkpoint: its safetensors files, mapped, and the index of their tensors.
+///
+/// Opening reads and checks every header but no tensor data; loading reads only the bytes of
+/// the tensors asked for. Cloning is cheap (an `Arc`), and a `Checkpoint` is `Send + Sync`, so a
+/// background thread can load units while another computes.
+#[derive(Clone)]
+pub struct Checkpoint {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    /// The file that names the tensors: the index, or the single safetensors file.
+    source: PathBuf,
+    files: Vec<Shard>,
+    tensors: BTreeMap<String, Location>,
+}
+
+struct Shard {
+    path: PathBuf,
+    map: MappedFile,
+}
+
+struct Location {
+    shard: usize,
+    entry: Entry,
+}
+
+/// What the header says about one tensor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// The safetensors file that holds the tensor.
+    pub file: PathBuf,
+    /// The dtype it is stored in.
+    pub dtype: safetensors::Dtype,
+    pub shape: Vec<usize>,
+}
+
+#[derive(Deserialize)]
+struct IndexFile {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint. `path` is one of:
+    /// - a diffusers transformer folder, holding `diffusion_pytorch_model.safetensors.index.json`
+    ///   and its shards, or `diffusion_pytorch_model.safetensors`, or exactly one `*.safetensors`;
+    /// - a diffusers pipeline root whose `transformer/` subfolder is such a folder;
+    /// - a `.safetensors` file, or a `*.safetensors.index.json` file.
+    ///
+    /// Every header is checked here, so a truncated or corrupt shard fails now rather than in the
+    /// middle of a long run. The files are memory-mapped: they must not be modified or truncated
+    /// while the checkpoint (or any clone, or a `VarBuilder` made from it) is alive.
+    pub fn open(path: &Path) -> Result<Checkpoint> {
+        let metadata = std::fs::metadata(path).map_err(io_error(path))?;
+        if !metadata.is_dir() {
+            let is_index = path.file_name().is_some_and(|name| name.to_string_lossy().ends_with(".index.json"));
+            return if is_index { Self::open_index(path) } else { Self::open_file(path) };
+        }
+        if let Some(checkpoint) = Self::open_dir(path)? {
+            return Ok(checkpoint);
+        }
+        let transformer = path.join(TRANSFORMER_DIR);
+        if transformer.is_dir() {
+            return Self::open_dir(&transformer)?.ok_or(WeightsError::NoWeights { dir: transformer });
+        }
+        Err(WeightsError::NoWeights { dir: path.to_owned() })
+    }
+
+    /// The folder of the checkpoint, where `config.json` is looked for.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// The safetensors files of the checkpoint, in index order.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.inner.files.iter().map(|shard| shard.path.as_path())
+    }
+
+    /// Reads and validates the `config.json` beside the weights.
+    pub fn config(&self) -> Result<TransformerConfig> {
+        let path = self.inner.dir.join(CONFIG_FILE);
+        if !path.is_file() {
+            return Err(WeightsError::MissingConfig { path });
+        }
+        Ok(TransformerConfig::from_json_file(&path)?)
+    }
+
+    /// Every tensor name, sorted.
+    pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
+        self.inner.tensors.keys().map(String::as_str)
+    }
+
+    /// The file, stored dtype and shape of a tensor, or `None` if the checkpoint lacks it.
+    pub fn tensor_info(&self, name: &str) -> Option<TensorInfo> {
+        let location = self.inner.tensors.get(name)?;
+        Some(TensorInfo {
+            file: self.inner.files[location.shard].path.clone(),
+            dtype: location.entry.dtype,
+            shape: location.entry.shape.clone(),
+        })
+    }
+
+    /// Reads one tensor and converts it to `dtype` on `device`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let location = self.locate(name)?;
+        self.read(name, location, Some(dtype), device)
+    }
+
+    /// Reads every tensor whose name starts with one of `prefixes` (the prefixes of a unit, such as
+    /// `double_stream_blocks.7.`), converted to `dtype` on `device`. A prefix that matches no
+    /// tensor is an error: it means the checkpoint and the model disagree.
+    pub fn load_prefixes(&self, prefixes: &[String], dtype: DType, device: &Device) -> Result<HashMap<String, Tensor>> {
+        let mut tensors = HashMap::new();
+        for prefix in prefixes {
+            let mut matched = false;
+            for (name, location) in self.under_prefix(prefix) {
+                matched = true;
+                if !tensors.contains_key(name) {
+                    tensors.insert(name.clone(), self.read(name, location, Some(dtype), device)?);
+                }
+            }
+            if !matched {
+                return Err(WeightsError::NoTensorUnderPrefix {
+                    file: self.inner.source.clone(),
+                    prefix: prefix.clone(),
+                });
+            }
+        }
+        Ok(tensors)
+    }
+
+    /// Checks, before any long work, that every tensor of `sizes` is present with its shape and a
+    /// supported dtype. Returns the first problem found, in forward order.
+    pub fn validate(&self, sizes: &SizeModel) -> Result<()> {
+        for spec in sizes.all_tensors() {
+            let location = self.locate(&spec.name)?;
+            self.check_shape(&spec.name, location, &spec.shape)?;
+            stored_dtype(self.shard_path(location), &spec.name, location.entry.dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Loads a tensor after checking that it has `shape`; the check reads no data.
+    pub(crate) fn load_with_shape(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let location = self.locate(name)?;
+        self.check_shape(name, location, shape)?;
+        self.read(name, location, Some(dtype), device)
+    }
+
+    /// Loads a tensor in the dtype it is stored in.
+    pub(crate) fn load_as_stored(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let location = self.locate(name)?;
+        self.read(name, location, None, device)
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.inner.tensors.contains_key(name)
+    }
+
+    /// Opens one safetensors file.
+    pub(crate) fn open_file(path: &Path) -> Result<Checkpoint> {
+        let map = MappedFile::open(path)?;
+        let entries = parse_header(path, map.bytes())?;
+        let tensors = entries.into_iter().map(|(name, entry)| (name, Location { shard: 0, entry })).collect();
+        let dir = parent_dir(path);
+        let files = vec![Shard { path: path.to_owned(), map }];
+        Ok(Checkpoint { inner: Arc::new(Inner { dir, source: path.to_owned(), files, tensors }) })
+    }
+
+    /// Opens a diffusers shard index and every shard it names.
+    fn open_index(index: &Path) -> Result<Checkpoint> {
+        let malformed = |problem: String| WeightsError::MalformedIndex { file: index.to_owned(), problem };
+        let text = std::fs::read_to_string(index).map_err(io_error(index))?;
+        let parsed: IndexFile = serde_json::from_str(&text).map_err(|err| malformed(err.to_string()))?;
+        if parsed.weight_map.is_empty() {
+            return Err(malformed("its weight_map names no tensor".into()));
+        }
+        let dir = parent_dir(index);
+        let mut shard_of_name: HashMap<&str, usize> = HashMap::new();
+        let mut files = Vec::new();
+        let mut headers = Vec::new();
+        let mut tensors = BTreeMap::new();
+        for (tensor, shard_name) in &parsed.weight_map {
+            let shard = match shard_of_name.get(shard_name.as_str()) {
+                Some(shard) => *shard,
+                None => {
+                    let path = shard_path(&dir, shard_name).ok_or_else(|| {
+                        malformed(format!("shard `{shard_name}` of `{tensor}` is not a file name in {}", dir.display()))
+                    })?;
+                    if !path.is_file() {
+                        let tensor = tensor.clone();
+                        return Err(WeightsError::MissingShard { index: index.to_owned(), shard: path, tensor });
+                    }
+                    let map = MappedFile::open(&path)?;
+                    headers.push(parse_header(&path, map.bytes())?);
+                    files.push(Shard { path, map });
+                    shard_of_name.insert(shard_name, files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            let Some(entry) = headers[shard].remove(tensor) else {
+                let shard = files[shard].path.clone();
+                return Err(WeightsError::NotInShard { index: index.to_owned(), shard, tensor: tensor.clone() });
+            };
+            tensors.insert(tensor.clone(), Location { shard, entry });
+        }
+        Ok(Checkpoint { inner: Arc::new(Inner { dir, source: index.to_owned(), files, tensors }) })
+    }
+
+    /// Opens the weights of a transformer folder, or returns `None` if it holds no safetensors.
+    fn open_dir(dir: &Path) -> Result<Option<Checkpoint>> {
+        let index = dir.join(INDEX_FILE);
+        if index.is_file() {
+            return Self::open_index(&index).map(Some);
+        }
+        let single = dir.join(SINGLE_FILE);
+        if single.is_file() {
+            return Self::open_file(&single).map(Some);
+        }
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+            let path = entry.map_err(io_error(dir))?.path();
+            if path.extension().is_some_and(|ext| ext == "safetensors") && path.is_file() {
+                files.push(path);
+            }
+        }
+        files.sort();
+        match files.as_slice() {
+            [] => Ok(None),
+            [file] => Self::open_file(file).map(Some),
+            _ => Err(WeightsError::AmbiguousWeights { dir: dir.to_owned(), files }),
+        }
+    }
+
+    fn locate(&self, name: &str) -> Result<&Location> {
+        self.inner
+            .tensors
+            .get(name)
+            .ok_or_else(|| WeightsError::MissingTensor { file: self.inner.source.clone(), tensor: name.to_owned() })
+    }
+
+    fn under_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = (&'a String, &'a Location)> + 'a {
+        let from: (Bound<&str>, Bound<&str>) = (Bound::Included(prefix), Bound::Unbounded);
+        self.inner.tensors.range::<str, _>(from).take_while(move |(name, _)| name.starts_with(prefix))
+    }
+
+    fn shard_path(&self, location: &Location) -> &Path {
+        &self.inner.files[location.shard].path
+    }
+
+    fn check_shape(&self, name: &str, location: &Location, expected: &[usize]) -> Result<()> {
+        if location.entry.shape == expected {
+            return Ok(());
+        }
+        Err(WeightsError::ShapeMismatch {
+            file: self.shard_path(location).to_owned(),
+            tensor: name.to_owned(),
+            expected: expected.to_vec(),
+            actual: location.entry.shape.clone(),
+        })
+    }
+
+    /// Builds a CPU tensor from the stored little-endian bytes (copying them, which also takes
+    /// care of alignment), then converts it to `dtype` (if any) and moves it to `device`.
+    fn read(&self, name: &str, location: &Location, dtype: Option<DType>, device: &Device) -> Result<Tensor> {
+        let shard = &self.inner.files[location.shard];
+        let entry = &location.entry;
+        let stored = stored_dtype(&shard.path, name, entry.dtype)?;
+        let candle_error = |source| WeightsError::Candle {
+            file: shard.path.clone(),
+            tensor: name.to_owned(),
+            source: Box::new(source),
+        };
+        // The header check guarantees the range; `get` keeps even a broken invariant from panicking.
+        let bytes = shard.map.bytes().get(entry.range.clone()).ok_or_else(|| {
+            candle_error(candle_core::Error::Msg(format!("byte range {:?} is outside the file", entry.range)))
+        })?;
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu).map_err(candle_error)?;
+        let tensor = tensor.to_dtype(dtype.unwrap_or(stored)).map_err(candle_error)?;
+        tensor.to_device(device).map_err(candle_error)
+    }
+}
+
+impl fmt::Debug for Checkpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Checkpoint")
+            .field("source", &self.inner.source)
+            .field("n_files", &self.inner.files.len())
+            .field("n_tensors", &self.inner.tensors.len())
+            .finish()
+    }
+}
+
+/// The candle dtype of a stored dtype, for the float dtypes this crate converts.
+pub(crate) fn stored_dtype(file: &Path, tensor: &str, dtype: safetensors::Dtype) -> Result<DType> {
+    match dtype {
+        safetensors::Dtype::F32 => Ok(DType::F32),
+        safetensors::Dtype::F16 => Ok(DType::F16),
+        safetensors::Dtype::BF16 => Ok(DType::BF16),
+        safetensors::Dtype::F64 => Ok(DType::F64),
+        _ => Err(WeightsError::UnsupportedDtype { file: file.to_owned(), tensor: tensor.to_owned(), dtype }),
+    }
+}
+
+/// The folder of a file; `.` for a bare file name.
+fn parent_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The path of a shard named in an index, if the name is a plain file name (no folders, no `..`).
+fn shard_path(dir: &Path, shard_name: &str) -> Option<PathBuf> {
+    let mut components = Path::new(shard_name).components();
+    match (components.next(), components.next()) {
+        (Some(Component::Normal(_)), None) => Some(dir.join(shard_name)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_is_send_sync_and_cheap_to_share() {
+        fn assert_send_sync<T: Send + Sync + Clone + 'static>() {}
+        assert_send_sync::<Checkpoint>();
+    }
+
+    #[test]
+    fn shard_names_must_be_plain_file_names() {
+        let dir = Path::new("ckpt");
+        assert_eq!(shard_path(dir, "a-00001.safetensors"), Some(dir.join("a-00001.safetensors")));
+        for bad in ["", "../a.safetensors", "sub/a.safetensors", "/etc/passwd", ".", ".."] {
+            assert_eq!(shard_path(dir, bad), None, "{bad}");
+        }
+    }
+}

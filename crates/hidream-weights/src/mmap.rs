@@ -1,0 +1,52 @@
+//! The one module with `unsafe` code: mapping a checkpoint file into memory.
+//!
+//! Everything else in the crate reads the mapped bytes through the safe [`MappedFile::bytes`].
+#![allow(unsafe_code)]
+
+use std::fs::File;
+use std::path::Path;
+
+use memmap2::Mmap;
+
+use crate::Result;
+use crate::error::io_error;
+
+/// A read-only memory map of a whole file.
+#[derive(Debug)]
+pub(crate) struct MappedFile {
+    map: Mmap,
+}
+
+impl MappedFile {
+    /// Maps the file at `path`.
+    ///
+    /// The crate's documented contract (see [`crate::Checkpoint::open`]) is that checkpoint files
+    /// are not modified or truncated while they are open, as with every mmap-based loader
+    /// (candle's `MmapedSafetensors`, Python's `safetensors.safe_open`).
+    pub(crate) fn open(path: &Path) -> Result<MappedFile> {
+        let file = File::open(path).map_err(io_error(path))?;
+        // SAFETY: `map` requires that nobody modifies or truncates the file while it is mapped.
+        // Checkpoint files are read-only inputs; `Checkpoint::open` documents this requirement to
+        // its callers, and this crate itself never writes a file it has open (the synthetic writers
+        // write into a fresh temporary path and rename it into place).
+        let map = unsafe { map(&file) }.map_err(io_error(path))?;
+        Ok(MappedFile { map })
+    }
+
+    /// The bytes of the whole file.
+    pub(crate) fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+}
+
+/// Maps `file` read-only.
+///
+/// # Safety
+///
+/// The caller must ensure that the file is not modified or truncated, by this process or any
+/// other, while the returned map is alive: the map would observe the change (breaking the
+/// immutability of the returned `&[u8]`) or fault with `SIGBUS` on access past a new end.
+unsafe fn map(file: &File) -> std::io::Result<Mmap> {
+    // SAFETY: the contract above is forwarded unchanged to the caller.
+    unsafe { Mmap::map(file) }
+}

@@ -1,0 +1,9 @@
+//! Integration tests of hidream-weights, through the public API only, on files in temporary
+//! folders: broken files and their typed errors, synthetic checkpoints and inputs, and a fuzzer.
+
+mod integration {
+    mod broken;
+    mod fuzz;
+    mod synth;
+    mod util;
+}
