@@ -31,9 +31,9 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let python = match &args.python {
         Some(python) => python.clone(),
-        None => std::env::var_os("HIDREAM_PYTHON").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join("refenv/bin/python")
-        }),
+        None => std::env::var_os("HIDREAM_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join("refenv/bin/python")),
     };
     if !python.exists() {
         bail!(
@@ -46,7 +46,9 @@ pub fn run(args: &Args) -> Result<()> {
     let model = dir.join("small");
     let inputs = dir.join("inputs.safetensors");
     if !model.join("config.json").exists() {
-        util::run(util::command(&hidream).args(["synth", "--preset", "small", "--dtype", "bf16", "--out"]).arg(&model))?;
+        util::run(
+            util::command(&hidream).args(["synth", "--preset", "small", "--dtype", "bf16", "--out"]).arg(&model),
+        )?;
     }
     util::run(
         util::command(&hidream)

@@ -30,7 +30,17 @@ pub fn check() -> Result<()> {
     // hidream-model must not map files itself. candle-core uses memmap2 for its own safetensors
     // loader, so the rule is: memmap2's only dependent in hidream-model's tree is candle-core.
     let dependents = util::output(util::command(&cargo).args([
-        "tree", "-p", "hidream-model", "-e", "normal", "-i", "memmap2", "--depth", "1", "--prefix", "none",
+        "tree",
+        "-p",
+        "hidream-model",
+        "-e",
+        "normal",
+        "-i",
+        "memmap2",
+        "--depth",
+        "1",
+        "--prefix",
+        "none",
     ]))?;
     for line in dependents.lines().skip(1) {
         let name = line.split_whitespace().next().unwrap_or_default();

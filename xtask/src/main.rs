@@ -48,10 +48,14 @@ fn demo() -> Result<()> {
     let dir = util::root().join("target/demo");
     let model = dir.join("small");
     if !model.join("config.json").exists() {
-        util::run(util::command(&hidream).args(["synth", "--preset", "small", "--dtype", "bf16", "--out"]).arg(&model))?;
+        util::run(
+            util::command(&hidream).args(["synth", "--preset", "small", "--dtype", "bf16", "--out"]).arg(&model),
+        )?;
     }
     let inputs = dir.join("inputs.safetensors");
-    util::run(util::command(&hidream).args(["synth", "--preset", "small", "--latent", "32x32", "--inputs"]).arg(&inputs))?;
+    util::run(
+        util::command(&hidream).args(["synth", "--preset", "small", "--latent", "32x32", "--inputs"]).arg(&inputs),
+    )?;
     util::run(
         util::command(&hidream)
             .arg("forward")

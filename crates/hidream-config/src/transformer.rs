@@ -143,7 +143,9 @@ impl TransformerConfig {
             "tiny" => Ok(Self::tiny()),
             "small" => Ok(Self::small()),
             "full" | "dev" | "fast" => Ok(Self::full()),
-            _ => Err(ConfigError::UnknownName { what: "preset", given: name.to_owned(), expected: "tiny, small, full" }),
+            _ => {
+                Err(ConfigError::UnknownName { what: "preset", given: name.to_owned(), expected: "tiny, small, full" })
+            }
         }
     }
 

@@ -181,7 +181,12 @@ impl SpecBuilder<'_> {
     fn linear(&self, out: &mut Vec<TensorSpec>, name: &str, in_dim: usize, out_dim: usize, bias: bool) {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let init = Init::Uniform { bound };
-        out.push(TensorSpec { name: format!("{name}.weight"), shape: vec![out_dim, in_dim], init, is_modulation: false });
+        out.push(TensorSpec {
+            name: format!("{name}.weight"),
+            shape: vec![out_dim, in_dim],
+            init,
+            is_modulation: false,
+        });
         if bias {
             out.push(TensorSpec { name: format!("{name}.bias"), shape: vec![out_dim], init, is_modulation: false });
         }

@@ -38,12 +38,9 @@ impl Variant {
     /// The sampling defaults, as in the official `hdi1` inference script's `MODEL_CONFIGS`.
     pub fn defaults(self) -> VariantDefaults {
         match self {
-            Variant::Full => VariantDefaults {
-                scheduler: SchedulerKind::FlowUniPc,
-                shift: 3.0,
-                steps: 50,
-                guidance_scale: 5.0,
-            },
+            Variant::Full => {
+                VariantDefaults { scheduler: SchedulerKind::FlowUniPc, shift: 3.0, steps: 50, guidance_scale: 5.0 }
+            }
             Variant::Dev => VariantDefaults {
                 scheduler: SchedulerKind::FlashFlowMatchEuler,
                 shift: 6.0,

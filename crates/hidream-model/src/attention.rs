@@ -122,7 +122,13 @@ impl HiDreamAttention {
     }
 
     /// RoPE on queries and keys, then scaled dot-product attention; `[B, N, dim]` out.
-    fn attend(&self, query: &Tensor, key: &Tensor, value: &Tensor, ctx: &AttentionContext) -> candle_core::Result<Tensor> {
+    fn attend(
+        &self,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        ctx: &AttentionContext,
+    ) -> candle_core::Result<Tensor> {
         let (batch, n_tokens, heads, head_dim) = query.dims4()?;
         let dtype = query.dtype();
         let cos = ctx.cos.narrow(0, 0, n_tokens)?;

@@ -11,45 +11,16 @@ use candle_nn::VarBuilder;
 use hidream_config::TransformerConfig;
 
 use crate::attention::{AttentionContext, HiDreamAttention};
+use crate::modulation::{BlockModulation, missing_modulation};
 use crate::moe::{FeedForwardSwiGlu, MoeFeedForward};
-use crate::nn::{LayerNormNoAffine, Linear, chunk_modulation, modulate};
+use crate::nn::{LayerNormNoAffine, chunk_modulation, modulate};
 
 const NORM_EPS: f32 = 1e-6;
-
-/// `adaLN_modulation = Sequential(SiLU, Linear(dim, n * dim))`.
-#[derive(Debug, Clone)]
-struct AdaLnModulation {
-    linear: Linear,
-}
-
-impl AdaLnModulation {
-    fn new(dim: usize, n_chunks: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { linear: Linear::new(dim, n_chunks * dim, vb.pp("adaLN_modulation").pp(1))? })
-    }
-
-    fn forward(&self, temb: &Tensor) -> candle_core::Result<Tensor> {
-        self.linear.forward(&temb.silu()?)
-    }
-}
-
-/// Loads the modulation layer only when the checkpoint view has it, so that a block can be built
-/// from a unit stripped of its modulation weights.
-fn optional_modulation(dim: usize, n_chunks: usize, vb: &VarBuilder) -> candle_core::Result<Option<AdaLnModulation>> {
-    if vb.contains_tensor("adaLN_modulation.1.weight") {
-        Ok(Some(AdaLnModulation::new(dim, n_chunks, vb.clone())?))
-    } else {
-        Ok(None)
-    }
-}
-
-fn missing_modulation() -> candle_core::Error {
-    candle_core::Error::Msg("block was loaded without its adaLN modulation weights; pass precomputed modulation".into())
-}
 
 /// `HiDreamImageTransformerBlock`: separate image and text streams that attend jointly.
 #[derive(Debug, Clone)]
 pub struct DoubleStreamBlock {
-    modulation: Option<AdaLnModulation>,
+    modulation: Option<BlockModulation>,
     norm1_i: LayerNormNoAffine,
     norm1_t: LayerNormNoAffine,
     attn1: HiDreamAttention,
@@ -68,7 +39,7 @@ impl DoubleStreamBlock {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            modulation: optional_modulation(dim, Self::N_MODULATION, &vb)?,
+            modulation: BlockModulation::optional(dim, Self::N_MODULATION, &vb)?,
             norm1_i: LayerNormNoAffine::new(dim, NORM_EPS, &vb)?,
             norm1_t: LayerNormNoAffine::new(dim, NORM_EPS, &vb)?,
             attn1: HiDreamAttention::new(dim, cfg.num_attention_heads, false, vb.pp("attn1"))?,
@@ -124,7 +95,7 @@ impl DoubleStreamBlock {
 /// `HiDreamImageSingleTransformerBlock`: one stream over image and text tokens together.
 #[derive(Debug, Clone)]
 pub struct SingleStreamBlock {
-    modulation: Option<AdaLnModulation>,
+    modulation: Option<BlockModulation>,
     norm1_i: LayerNormNoAffine,
     attn1: HiDreamAttention,
     norm3_i: LayerNormNoAffine,
@@ -139,7 +110,7 @@ impl SingleStreamBlock {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> candle_core::Result<Self> {
         let dim = cfg.inner_dim();
         Ok(Self {
-            modulation: optional_modulation(dim, Self::N_MODULATION, &vb)?,
+            modulation: BlockModulation::optional(dim, Self::N_MODULATION, &vb)?,
             norm1_i: LayerNormNoAffine::new(dim, NORM_EPS, &vb)?,
             attn1: HiDreamAttention::new(dim, cfg.num_attention_heads, true, vb.pp("attn1"))?,
             norm3_i: LayerNormNoAffine::new(dim, NORM_EPS, &vb)?,

@@ -14,7 +14,10 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { linear_1: Linear::new(in_dim, dim, vb.pp("linear_1"))?, linear_2: Linear::new(dim, dim, vb.pp("linear_2"))? })
+        Ok(Self {
+            linear_1: Linear::new(in_dim, dim, vb.pp("linear_1"))?,
+            linear_2: Linear::new(dim, dim, vb.pp("linear_2"))?,
+        })
     }
 }
 
@@ -82,7 +85,11 @@ impl Module for PatchEmbed {
 ///
 /// Returns `(cos, sin)`, each `[n_tokens, head_dim / 2]` in f32, axes concatenated in order; they
 /// rotate interleaved pairs `(x[2i], x[2i+1])`, which is what `apply_rope` does in diffusers.
-pub fn rope_table(positions: &[[f32; 3]], axes_dims: &[usize], device: &Device) -> candle_core::Result<(Tensor, Tensor)> {
+pub fn rope_table(
+    positions: &[[f32; 3]],
+    axes_dims: &[usize],
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
     const THETA: f64 = 10000.0;
     let half_dim: usize = axes_dims.iter().sum::<usize>() / 2;
     let mut cos = Vec::with_capacity(positions.len() * half_dim);

@@ -13,18 +13,21 @@ mod attention;
 mod block;
 mod embeddings;
 mod error;
+mod modulation;
 mod moe;
 mod nn;
 mod provider;
 mod transformer;
 
 pub use attention::{AttentionConfig, HiDreamAttention};
+pub use attention::{AttentionContext, scaled_dot_product_attention};
 pub use block::{DoubleStreamBlock, SingleStreamBlock};
 pub use embeddings::{PatchEmbed, TimestepEmbed, rope_table, timestep_frequencies};
 pub use error::{ModelError, Result};
+pub use modulation::{BlockModulation, Modulation, StepModulation};
 pub use moe::{FeedForwardSwiGlu, MoeFeedForward, MoeGate};
 pub use provider::{BlockProvider, BlockRef, ResidentBlocks};
-pub use attention::{AttentionContext, scaled_dot_product_attention};
 pub use transformer::{
-    CaptionProjection, Embedders, HiDreamModel, HiDreamTransformer, Patchified, TextTokens, TransformerInputs, patchify,
+    CaptionProjection, Embedders, HiDreamModel, HiDreamTransformer, Patchified, StepInputs, TextProjection, TextTokens,
+    TransformerInputs, caption_input, caption_input_dim, patchify,
 };

@@ -30,7 +30,7 @@ impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let dims = xs.dims();
         match dims.len() {
-            0 | 1 | 2 => self.inner.forward(xs),
+            0..=2 => self.inner.forward(xs),
             _ => {
                 let (leading, in_dim) = dims.split_at(dims.len() - 1);
                 let rows: usize = leading.iter().product();
@@ -100,7 +100,8 @@ pub fn chunk_modulation<const N: usize>(modulation: &Tensor) -> candle_core::Res
     }
     let modulation = modulation.unsqueeze(1)?;
     let chunk = width / N;
-    let chunks = (0..N).map(|idx| modulation.narrow(D::Minus1, idx * chunk, chunk)).collect::<candle_core::Result<Vec<_>>>()?;
+    let chunks =
+        (0..N).map(|idx| modulation.narrow(D::Minus1, idx * chunk, chunk)).collect::<candle_core::Result<Vec<_>>>()?;
     chunks.try_into().map_err(|_| candle_core::Error::Msg("modulation chunk count".into()))
 }
 

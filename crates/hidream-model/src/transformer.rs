@@ -6,6 +6,7 @@ use hidream_config::TransformerConfig;
 
 use crate::attention::{AttentionConfig, AttentionContext};
 use crate::embeddings::{PatchEmbed, TimestepEmbed, TimestepEmbedding, rope_table};
+use crate::modulation::Modulation;
 use crate::nn::{LayerNormNoAffine, Linear, chunk_modulation, modulate};
 use crate::provider::{BlockProvider, ResidentBlocks};
 use crate::{ModelError, Result};
@@ -30,7 +31,8 @@ impl TransformerInputs {
     pub fn validate(&self, cfg: &TransformerConfig) -> Result<()> {
         fn check(name: &'static str, tensor: &Tensor, expected: &[Option<usize>]) -> Result<()> {
             let dims = tensor.dims();
-            let matches = dims.len() == expected.len() && dims.iter().zip(expected).all(|(d, e)| e.is_none_or(|e| e == *d));
+            let matches =
+                dims.len() == expected.len() && dims.iter().zip(expected).all(|(d, e)| e.is_none_or(|e| e == *d));
             if matches {
                 return Ok(());
             }
@@ -48,9 +50,14 @@ impl TransformerInputs {
             });
         }
         check("timesteps", &self.timesteps, &[Some(batch)])?;
-        check("encoder_hidden_states_t5", &self.encoder_hidden_states_t5, &[Some(batch), None, Some(cfg.t5_channels())])?;
+        check(
+            "encoder_hidden_states_t5",
+            &self.encoder_hidden_states_t5,
+            &[Some(batch), None, Some(cfg.t5_channels())],
+        )?;
         let n_llama = self.encoder_hidden_states_llama3.dims().first().copied().unwrap_or(0);
-        let llama_layers = if n_llama >= cfg.n_llama_layers_needed() { Some(n_llama) } else { Some(cfg.n_llama_layers_needed()) };
+        let llama_layers =
+            if n_llama >= cfg.n_llama_layers_needed() { Some(n_llama) } else { Some(cfg.n_llama_layers_needed()) };
         check(
             "encoder_hidden_states_llama3",
             &self.encoder_hidden_states_llama3,
@@ -99,11 +106,43 @@ impl Embedders {
     }
 }
 
-/// The 49 caption projections: one per block for the Llama states it reads, then one for T5.
+/// One caption projection, `caption_projection.{idx}.linear` (no bias).
+#[derive(Debug, Clone)]
+pub struct TextProjection {
+    linear: Linear,
+}
+
+impl TextProjection {
+    /// `vb` points at `caption_projection.{idx}`; `in_dim` is [`caption_input_dim`].
+    pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
+        Ok(Self { linear: Linear::no_bias(in_dim, dim, vb.pp("linear"))? })
+    }
+
+    /// Projects `states` (`[B, S, in_dim]`) after casting them to `dtype`.
+    pub fn forward(&self, states: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        self.linear.forward(&states.to_dtype(dtype)?)
+    }
+}
+
+/// The input width of caption projection `idx`: Llama for one per block, then T5.
+pub fn caption_input_dim(cfg: &TransformerConfig, idx: usize) -> usize {
+    if idx < cfg.n_blocks() { cfg.llama_channels() } else { cfg.t5_channels() }
+}
+
+/// The input of caption projection `idx`: the Llama state `llama_layers[idx]` names (`[B, S, C]`),
+/// or the T5 states for the last one.
+pub fn caption_input(cfg: &TransformerConfig, idx: usize, t5: &Tensor, llama: &Tensor) -> candle_core::Result<Tensor> {
+    match cfg.llama_layers.get(idx) {
+        Some(&layer) => llama.get(layer),
+        None => Ok(t5.clone()),
+    }
+}
+
+/// The `num_layers + num_single_layers + 1` caption projections: one per block for the Llama state
+/// it reads, then one for T5. They depend only on the prompt.
 #[derive(Debug, Clone)]
 pub struct CaptionProjection {
-    llama: Vec<Linear>,
-    t5: Linear,
+    projections: Vec<TextProjection>,
 }
 
 /// Projected text tokens, as the blocks consume them.
@@ -115,28 +154,44 @@ pub struct TextTokens {
     pub t5: Tensor,
 }
 
+impl TextTokens {
+    /// From the outputs of all caption projections, in order (the T5 one last).
+    pub fn from_projections(mut projected: Vec<Tensor>) -> candle_core::Result<Self> {
+        let t5 = projected.pop().ok_or_else(|| candle_core::Error::Msg("no caption projections".into()))?;
+        Ok(Self { llama: projected, t5 })
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.llama.iter().chain([&self.t5]).map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+    }
+}
+
 impl CaptionProjection {
     /// `vb` is the transformer's root.
     pub fn new(cfg: &TransformerConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
         let vb = vb.pp("caption_projection");
-        let dim = cfg.inner_dim();
-        let n_blocks = cfg.n_blocks();
-        let llama = (0..n_blocks)
-            .map(|idx| Linear::no_bias(cfg.llama_channels(), dim, vb.pp(idx).pp("linear")))
+        let projections = (0..=cfg.n_blocks())
+            .map(|idx| TextProjection::new(caption_input_dim(cfg, idx), cfg.inner_dim(), vb.pp(idx)))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let t5 = Linear::no_bias(cfg.t5_channels(), dim, vb.pp(n_blocks).pp("linear"))?;
-        Ok(Self { llama, t5 })
+        Ok(Self { projections })
     }
 
     /// Projects the T5 states and, for every block, the Llama state it selects.
-    pub fn project(&self, cfg: &TransformerConfig, t5: &Tensor, llama: &Tensor, dtype: DType) -> candle_core::Result<TextTokens> {
-        let llama = cfg
-            .llama_layers
+    pub fn project(
+        &self,
+        cfg: &TransformerConfig,
+        t5: &Tensor,
+        llama: &Tensor,
+        dtype: DType,
+    ) -> candle_core::Result<TextTokens> {
+        let projected = self
+            .projections
             .iter()
-            .zip(&self.llama)
-            .map(|(&layer, projection)| projection.forward(&llama.get(layer)?.to_dtype(dtype)?))
+            .enumerate()
+            .map(|(idx, projection)| projection.forward(&caption_input(cfg, idx, t5, llama)?, dtype))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(TextTokens { llama, t5: self.t5.forward(&t5.to_dtype(dtype)?)? })
+        TextTokens::from_projections(projected)
     }
 }
 
@@ -163,9 +218,8 @@ pub fn patchify(cfg: &TransformerConfig, latents: &Tensor) -> Result<Patchified>
         .reshape((batch, channels, patch_height, patch, patch_width, patch))?
         .permute((0, 2, 4, 3, 5, 1))?
         .reshape((batch, n_patches, patch * patch * channels))?;
-    let mut positions: Vec<[f32; 3]> = (0..patch_height)
-        .flat_map(|row| (0..patch_width).map(move |col| [0.0, row as f32, col as f32]))
-        .collect();
+    let mut positions: Vec<[f32; 3]> =
+        (0..patch_height).flat_map(|row| (0..patch_width).map(move |col| [0.0, row as f32, col as f32])).collect();
     if height == width {
         return Ok(Patchified { tokens, mask: None, positions, patch_height, patch_width });
     }
@@ -181,7 +235,12 @@ pub fn patchify(cfg: &TransformerConfig, latents: &Tensor) -> Result<Patchified>
 }
 
 /// Turns `[B, N, p * p * C]` tokens back into `[B, C, H, W]`, dropping padding.
-fn unpatchify(cfg: &TransformerConfig, tokens: &Tensor, patch_height: usize, patch_width: usize) -> candle_core::Result<Tensor> {
+fn unpatchify(
+    cfg: &TransformerConfig,
+    tokens: &Tensor,
+    patch_height: usize,
+    patch_width: usize,
+) -> candle_core::Result<Tensor> {
     let (batch, _, features) = tokens.dims3()?;
     let patch = cfg.patch_size;
     let channels = features / (patch * patch);
@@ -190,6 +249,20 @@ fn unpatchify(cfg: &TransformerConfig, tokens: &Tensor, patch_height: usize, pat
         .reshape((batch, patch_height, patch_width, patch, patch, channels))?
         .permute((0, 5, 1, 3, 2, 4))?
         .reshape((batch, channels, patch_height * patch, patch_width * patch))
+}
+
+/// What one forward of [`HiDreamTransformer`] takes besides its blocks.
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// `[B, C, H, W]` latents.
+    pub hidden_states: &'a Tensor,
+    /// `[B]` timesteps.
+    pub timesteps: &'a Tensor,
+    /// `[B, text_emb_dim]`.
+    pub pooled_embeds: &'a Tensor,
+    /// The projected text, once per prompt.
+    pub text: &'a TextTokens,
+    pub modulation: Modulation<'a>,
 }
 
 /// The transformer without its caption projections and blocks: those come from the caller, so that
@@ -204,7 +277,12 @@ pub struct HiDreamTransformer {
 impl HiDreamTransformer {
     /// Loads the embedders and final layer from the transformer's root `vb`.
     pub fn new(cfg: &TransformerConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
-        Ok(Self { cfg: cfg.clone(), embedders: Embedders::new(cfg, vb)?, attention: AttentionConfig::default() })
+        Ok(Self::from_embedders(cfg, Embedders::new(cfg, vb)?))
+    }
+
+    /// The transformer around embedders loaded elsewhere.
+    pub fn from_embedders(cfg: &TransformerConfig, embedders: Embedders) -> Self {
+        Self { cfg: cfg.clone(), embedders, attention: AttentionConfig::default() }
     }
 
     pub fn config(&self) -> &TransformerConfig {
@@ -221,21 +299,39 @@ impl HiDreamTransformer {
         &self.embedders
     }
 
+    /// The compute dtype (that of the loaded weights).
+    pub fn dtype(&self) -> DType {
+        self.embedders.final_linear.dtype()
+    }
+
+    /// `temb` for `timesteps` (`[B]`) and `pooled_embeds` (`[B, text_emb_dim]`).
+    pub fn temb(&self, timesteps: &Tensor, pooled_embeds: &Tensor) -> candle_core::Result<Tensor> {
+        self.embedders.temb(timesteps, pooled_embeds, self.dtype())
+    }
+
     /// One forward, exactly as diffusers' `HiDreamImageTransformer2DModel.forward`, with projected
     /// text and blocks from `blocks`. Returns `sample`, `[B, C_out, H, W]`.
-    pub fn forward(
-        &self,
-        hidden_states: &Tensor,
-        timesteps: &Tensor,
-        pooled_embeds: &Tensor,
-        text: &TextTokens,
-        blocks: &mut dyn BlockProvider,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, inputs: &StepInputs<'_>, blocks: &mut dyn BlockProvider) -> Result<Tensor> {
         let cfg = &self.cfg;
-        let dtype = self.embedders.final_linear_dtype();
-        let patches = patchify(cfg, &hidden_states.to_dtype(dtype)?)?;
+        let dtype = self.dtype();
+        let text = inputs.text;
+        let patches = patchify(cfg, &inputs.hidden_states.to_dtype(dtype)?)?;
         let mut image = self.embedders.x_embedder.forward(&patches.tokens)?;
-        let temb = self.embedders.temb(timesteps, pooled_embeds, dtype)?;
+        let temb = self.temb(inputs.timesteps, inputs.pooled_embeds)?;
+        let modulation_of = |kind: &str, idx: usize, list: Option<&Vec<Tensor>>| -> Result<Option<Tensor>> {
+            match list {
+                None => Ok(None),
+                Some(list) => list.get(idx).cloned().map(Some).ok_or_else(|| ModelError::InputShape {
+                    name: "modulation",
+                    expected: format!("precomputed modulation for {kind}-stream block {idx}"),
+                    actual: vec![list.len()],
+                }),
+            }
+        };
+        let (double_modulation, single_modulation) = match inputs.modulation {
+            Modulation::FromBlocks => (None, None),
+            Modulation::Precomputed(step) => (Some(&step.double), Some(&step.single)),
+        };
         let (batch, n_image, _) = image.dims3()?;
 
         let n_blocks = cfg.n_blocks();
@@ -259,7 +355,10 @@ impl HiDreamTransformer {
         for block_idx in 0..cfg.num_layers {
             let block = blocks.double_block(block_idx)?;
             let text_tokens = Tensor::cat(&[&initial_text, &text.llama[block_idx]], 1)?;
-            let modulation = block.modulation(&temb)?;
+            let modulation = match modulation_of("double", block_idx, double_modulation)? {
+                Some(modulation) => modulation,
+                None => block.modulation(&temb)?,
+            };
             let (new_image, new_text) = block.forward(&image, &text_tokens, &modulation, &ctx)?;
             image = new_image;
             initial_text = new_text.narrow(1, 0, n_initial)?;
@@ -274,19 +373,16 @@ impl HiDreamTransformer {
         for block_idx in 0..cfg.num_single_layers {
             let block = blocks.single_block(block_idx)?;
             let tokens = Tensor::cat(&[&joint, &text.llama[cfg.num_layers + block_idx]], 1)?;
-            let modulation = block.modulation(&temb)?;
+            let modulation = match modulation_of("single", block_idx, single_modulation)? {
+                Some(modulation) => modulation,
+                None => block.modulation(&temb)?,
+            };
             joint = block.forward(&tokens, &modulation, &ctx)?.narrow(1, 0, n_joint)?;
         }
 
         let image = joint.narrow(1, 0, n_image)?;
         let out = self.embedders.final_layer(&image, &temb)?;
         Ok(unpatchify(cfg, &out, patches.patch_height, patches.patch_width)?)
-    }
-}
-
-impl Embedders {
-    fn final_linear_dtype(&self) -> DType {
-        self.final_linear.dtype()
     }
 }
 
@@ -316,9 +412,20 @@ impl HiDreamModel {
     pub fn forward(&mut self, inputs: &TransformerInputs) -> Result<Tensor> {
         let cfg = self.transformer.config().clone();
         inputs.validate(&cfg)?;
-        let dtype = self.transformer.embedders.final_linear_dtype();
-        let text =
-            self.captions.project(&cfg, &inputs.encoder_hidden_states_t5, &inputs.encoder_hidden_states_llama3, dtype)?;
-        self.transformer.forward(&inputs.hidden_states, &inputs.timesteps, &inputs.pooled_embeds, &text, &mut self.blocks)
+        let dtype = self.transformer.dtype();
+        let text = self.captions.project(
+            &cfg,
+            &inputs.encoder_hidden_states_t5,
+            &inputs.encoder_hidden_states_llama3,
+            dtype,
+        )?;
+        let step = StepInputs {
+            hidden_states: &inputs.hidden_states,
+            timesteps: &inputs.timesteps,
+            pooled_embeds: &inputs.pooled_embeds,
+            text: &text,
+            modulation: Modulation::FromBlocks,
+        };
+        self.transformer.forward(&step, &mut self.blocks)
     }
 }

@@ -147,24 +147,42 @@ fn bad_inputs_are_named() -> Result<()> {
     let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
     let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
     let good = inputs(&cfg, 1, 8, 8, 1)?;
-    let check = |edit: &dyn Fn(&mut TransformerInputs) -> Result<()>, name: &str, model: &mut HiDreamModel| -> Result<()> {
+    let mut cases: Vec<(&str, TransformerInputs)> = Vec::new();
+    let mut case = |name, edit: &dyn Fn(&mut TransformerInputs) -> candle_core::Result<()>| -> Result<()> {
         let mut bad = good.clone();
         edit(&mut bad)?;
-        match model.forward(&bad) {
-            Err(hidream_model::ModelError::InputShape { name: got, .. }) => assert_eq!(got, name),
-            other => panic!("expected a shape error on {name}, got {other:?}"),
-        }
+        cases.push((name, bad));
         Ok(())
     };
-    check(&|i| Ok(i.hidden_states = i.hidden_states.narrow(1, 0, 3)?), "hidden_states", &mut model)?;
-    check(&|i| Ok(i.hidden_states = i.hidden_states.narrow(2, 0, 7)?), "hidden_states", &mut model)?;
-    check(&|i| Ok(i.timesteps = Tensor::zeros(2, DType::F32, &Device::Cpu)?), "timesteps", &mut model)?;
-    let t5 = |i: &mut TransformerInputs| Ok(i.encoder_hidden_states_t5 = i.encoder_hidden_states_t5.narrow(2, 0, 8)?);
-    check(&t5, "encoder_hidden_states_t5", &mut model)?;
-    let llama = |i: &mut TransformerInputs| {
-        Ok(i.encoder_hidden_states_llama3 = i.encoder_hidden_states_llama3.narrow(0, 0, 2)?)
-    };
-    check(&llama, "encoder_hidden_states_llama3", &mut model)?;
-    check(&|i| Ok(i.pooled_embeds = i.pooled_embeds.narrow(1, 0, 3)?), "pooled_embeds", &mut model)?;
+    case("hidden_states", &|i| {
+        i.hidden_states = i.hidden_states.narrow(1, 0, 3)?;
+        Ok(())
+    })?;
+    case("hidden_states", &|i| {
+        i.hidden_states = i.hidden_states.narrow(2, 0, 7)?;
+        Ok(())
+    })?;
+    case("timesteps", &|i| {
+        i.timesteps = Tensor::zeros(2, DType::F32, &Device::Cpu)?;
+        Ok(())
+    })?;
+    case("encoder_hidden_states_t5", &|i| {
+        i.encoder_hidden_states_t5 = i.encoder_hidden_states_t5.narrow(2, 0, 8)?;
+        Ok(())
+    })?;
+    case("encoder_hidden_states_llama3", &|i| {
+        i.encoder_hidden_states_llama3 = i.encoder_hidden_states_llama3.narrow(0, 0, 2)?;
+        Ok(())
+    })?;
+    case("pooled_embeds", &|i| {
+        i.pooled_embeds = i.pooled_embeds.narrow(1, 0, 3)?;
+        Ok(())
+    })?;
+    for (name, bad) in &cases {
+        match model.forward(bad) {
+            Err(hidream_model::ModelError::InputShape { name: got, .. }) => assert_eq!(got, *name),
+            other => panic!("expected a shape error on {name}, got {other:?}"),
+        }
+    }
     Ok(())
 }

@@ -134,6 +134,39 @@ fn three_experts_bf16_checkpoint_nonsquare_b2() -> Result<()> {
     check("e3_nonsquare_b2", DType::F32, F32)
 }
 
+/// diffusers loaded a checkpoint that our synthetic writer made (seed 3, 9 shards) and recorded its
+/// outputs; the writer is deterministic, so the test writes the same checkpoint again and must
+/// reproduce diffusers' outputs from it.
+#[test]
+fn rust_synthetic_checkpoint_loads_in_diffusers() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cfg = hidream_config::TransformerConfig::tiny();
+    let options =
+        hidream_weights::SynthOptions { seed: 3, dtype: hidream_config::DType::F32, max_shard_bytes: 300_000 };
+    let summary = hidream_weights::write_synthetic(dir.path(), &cfg, &options)?;
+    assert_eq!(summary.shards.len(), 9, "the layout diffusers loaded");
+    let checkpoint = Checkpoint::open(dir.path())?;
+    let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
+    let case_dir = golden_dir().join("cases/rust_synth");
+    let mut tensors = hidream_weights::read_tensors(&case_dir.join("diffusers_check.safetensors"), &Device::Cpu)?;
+    for prefix in ["", "nonsquare."] {
+        let mut take =
+            |name: &str| tensors.remove(&format!("{prefix}{name}")).with_context(|| format!("no {prefix}{name}"));
+        let inputs = TransformerInputs {
+            hidden_states: take("hidden_states")?,
+            timesteps: take("timesteps")?,
+            encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
+            encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
+            pooled_embeds: take("pooled_embeds")?,
+        };
+        let expected = take("sample")?;
+        let actual = model.forward(&inputs)?;
+        let bound = F32_TOLERANCE * max_abs(&expected)?.max(1.0);
+        compare(&format!("rust_synth {prefix}sample"), &actual, &expected, bound)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn bf16_compute_square() -> Result<()> {
     check("square_b1", DType::BF16, BF16)

@@ -1,0 +1,128 @@
+//! The `hidream` binary end to end: a real forward on a synthetic checkpoint, and one clear
+//! `error:` line with a non-zero exit status for every bad flag or file (never a panic).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn hidream(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hidream")).args(args).output().expect("the hidream binary runs")
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+/// Asserts a clean failure whose `error:` line mentions `needle`.
+fn check_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
+    assert!(stderr.contains(needle), "stderr does not mention `{needle}`: {stderr}");
+}
+
+#[test]
+fn synth_then_forward_then_inspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let inputs = dir.path().join("inputs.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let synth = hidream(&[
+        "synth",
+        "--preset",
+        "tiny",
+        "--dtype",
+        "f32",
+        "--out",
+        path(&model),
+        "--inputs",
+        path(&inputs),
+        "--latent",
+        "8x12",
+        "--batch",
+        "2",
+        "--t5-tokens",
+        "5",
+        "--llama-tokens",
+        "6",
+    ]);
+    assert!(synth.status.success(), "{}", String::from_utf8_lossy(&synth.stderr));
+
+    let forward = hidream(&[
+        "forward",
+        "--model",
+        path(&model),
+        "--inputs",
+        path(&inputs),
+        "--out",
+        path(&out),
+        "--dtype",
+        "f32",
+    ]);
+    assert!(forward.status.success(), "{}", String::from_utf8_lossy(&forward.stderr));
+    assert!(String::from_utf8_lossy(&forward.stdout).contains("sample [2, 4, 8, 12]"));
+    let sample = hidream_weights::read_tensors(&out, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(sample["sample"].dims(), &[2, 4, 8, 12]);
+    assert_eq!(sample["sample"].dtype(), candle_core::DType::F32);
+
+    let inspect = hidream(&["inspect", path(&model)]);
+    let stdout = String::from_utf8_lossy(&inspect.stdout);
+    assert!(inspect.status.success());
+    assert!(stdout.contains("all 157 present"), "{stdout}");
+    assert!(stdout.contains("double_stream_blocks.1"), "{stdout}");
+}
+
+#[test]
+fn bad_flags_and_files_are_one_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let inputs = dir.path().join("inputs.safetensors");
+    let out = dir.path().join("out.safetensors");
+    assert!(
+        hidream(&["synth", "--preset", "tiny", "--out", path(&model), "--inputs", path(&inputs), "--latent", "8x8"])
+            .status
+            .success()
+    );
+
+    check_error(&hidream(&["synth", "--preset", "huge", "--out", path(&out)]), "unknown preset `huge`");
+    check_error(&hidream(&["synth", "--preset", "tiny", "--inputs", path(&out), "--latent", "8by8"]), "--latent");
+    check_error(&hidream(&["synth", "--preset", "tiny", "--out", path(&out), "--max-shard-size", "lots"]), "lots");
+    check_error(
+        &hidream(&[
+            "forward",
+            "--model",
+            path(&model),
+            "--inputs",
+            path(&inputs),
+            "--out",
+            path(&out),
+            "--dtype",
+            "f8",
+        ]),
+        "f8",
+    );
+    let missing = dir.path().join("nowhere");
+    check_error(
+        &hidream(&["forward", "--model", path(&missing), "--inputs", path(&inputs), "--out", path(&out)]),
+        "nowhere",
+    );
+
+    // Inputs without `pooled_embeds`.
+    let mut tensors = hidream_weights::read_tensors(&inputs, &candle_core::Device::Cpu).unwrap();
+    tensors.remove("pooled_embeds");
+    let partial = dir.path().join("partial.safetensors");
+    hidream_weights::write_tensors(&partial, &tensors).unwrap();
+    check_error(
+        &hidream(&["forward", "--model", path(&model), "--inputs", path(&partial), "--out", path(&out)]),
+        "pooled_embeds",
+    );
+
+    // A truncated weights file names the file.
+    let weights = model.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 2]).unwrap();
+    check_error(
+        &hidream(&["forward", "--model", path(&model), "--inputs", path(&inputs), "--out", path(&out)]),
+        "diffusion_pytorch_model.safetensors",
+    );
+    assert!(!out.exists(), "a failed forward leaves no output behind");
+}
