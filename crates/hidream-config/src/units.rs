@@ -16,8 +16,9 @@ use crate::{DType, TransformerConfig};
 pub enum Unit {
     /// `t_embedder`, `p_embedder`, `x_embedder` and `final_layer`: small and needed every step.
     Embedders,
-    /// The `num_layers + num_single_layers + 1` caption projections (Llama ones, then T5).
-    CaptionProjection,
+    /// Caption projection `i` of `num_layers + num_single_layers + 1` (one per block for the Llama
+    /// state it reads, then T5).
+    CaptionProjection(usize),
     /// `double_stream_blocks.{i}`.
     DoubleBlock(usize),
     /// `single_stream_blocks.{i}`.
@@ -38,7 +39,7 @@ impl Unit {
     pub fn prefixes(self) -> Vec<String> {
         match self {
             Unit::Embedders => ["t_embedder.", "p_embedder.", "x_embedder.", "final_layer."].map(String::from).to_vec(),
-            Unit::CaptionProjection => vec!["caption_projection.".into()],
+            Unit::CaptionProjection(idx) => vec![format!("caption_projection.{idx}.")],
             Unit::DoubleBlock(block_idx) => vec![format!("double_stream_blocks.{block_idx}.")],
             Unit::SingleBlock(block_idx) => vec![format!("single_stream_blocks.{block_idx}.")],
         }
@@ -48,7 +49,7 @@ impl Unit {
     pub fn kind(self) -> UnitKind {
         match self {
             Unit::Embedders => UnitKind::Embedders,
-            Unit::CaptionProjection => UnitKind::CaptionProjection,
+            Unit::CaptionProjection(_) => UnitKind::CaptionProjection,
             Unit::DoubleBlock(_) => UnitKind::DoubleBlock,
             Unit::SingleBlock(_) => UnitKind::SingleBlock,
         }
@@ -59,7 +60,7 @@ impl fmt::Display for Unit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Unit::Embedders => f.write_str("embedders+final_layer"),
-            Unit::CaptionProjection => f.write_str("caption_projection"),
+            Unit::CaptionProjection(idx) => write!(f, "caption_projection.{idx}"),
             Unit::DoubleBlock(block_idx) => write!(f, "double_stream_blocks.{block_idx}"),
             Unit::SingleBlock(block_idx) => write!(f, "single_stream_blocks.{block_idx}"),
         }
@@ -128,7 +129,10 @@ impl SizeModel {
     /// [`TransformerConfig::validate`]).
     pub fn new(config: &TransformerConfig) -> Self {
         let builder = SpecBuilder { config };
-        let mut units = vec![(Unit::Embedders, builder.embedders()), (Unit::CaptionProjection, builder.caption())];
+        let mut units = vec![(Unit::Embedders, builder.embedders())];
+        for idx in 0..=config.n_blocks() {
+            units.push((Unit::CaptionProjection(idx), builder.caption(idx)));
+        }
         for block_idx in 0..config.num_layers {
             units.push((Unit::DoubleBlock(block_idx), builder.block(Unit::DoubleBlock(block_idx))));
         }
@@ -139,6 +143,7 @@ impl SizeModel {
     }
 
     /// The units in forward order: embedders, caption projections, double blocks, single blocks.
+    /// Caption projection `i` reads the Llama state of block `i` (the last one reads T5).
     pub fn units(&self) -> impl Iterator<Item = Unit> + '_ {
         self.units.iter().map(|(unit, _)| *unit)
     }
@@ -221,14 +226,11 @@ impl SpecBuilder<'_> {
         out
     }
 
-    fn caption(&self) -> Vec<TensorSpec> {
+    fn caption(&self, idx: usize) -> Vec<TensorSpec> {
         let config = self.config;
-        let n_blocks = config.n_blocks();
+        let in_dim = if idx < config.n_blocks() { config.llama_channels() } else { config.t5_channels() };
         let mut out = Vec::new();
-        for idx in 0..=n_blocks {
-            let in_dim = if idx < n_blocks { config.llama_channels() } else { config.t5_channels() };
-            self.linear(&mut out, &format!("caption_projection.{idx}.linear"), in_dim, config.inner_dim(), false);
-        }
+        self.linear(&mut out, &format!("caption_projection.{idx}.linear"), in_dim, config.inner_dim(), false);
         out
     }
 
@@ -272,7 +274,7 @@ impl SpecBuilder<'_> {
         let (prefix, double) = match unit {
             Unit::DoubleBlock(block_idx) => (format!("double_stream_blocks.{block_idx}.block"), true),
             Unit::SingleBlock(block_idx) => (format!("single_stream_blocks.{block_idx}.block"), false),
-            Unit::Embedders | Unit::CaptionProjection => return Vec::new(),
+            Unit::Embedders | Unit::CaptionProjection(_) => return Vec::new(),
         };
         let mut out = Vec::new();
         self.modulation(&mut out, &prefix, if double { 12 } else { 6 });
@@ -301,12 +303,13 @@ mod tests {
         let total = sizes.total_params();
         assert_eq!((total as f64 / 1e6).round(), 17106.0, "total params {total}");
         // 49 projections of 4096 -> 2560, no bias.
-        assert_eq!(sizes.unit_size(Unit::CaptionProjection).params, 49 * 4096 * 2560);
+        let captions: usize = (0..49).map(|idx| sizes.unit_size(Unit::CaptionProjection(idx)).params).sum();
+        assert_eq!(captions, 49 * 4096 * 2560);
         assert_eq!(sizes.unit_size(Unit::DoubleBlock(0)).bytes(DType::BF16), double as u64 * 2);
         // 809 MiB and 583 MiB in bf16.
         assert_eq!(sizes.unit_size(Unit::DoubleBlock(0)).bytes(DType::BF16) >> 20, 808);
         assert_eq!(sizes.unit_size(Unit::SingleBlock(0)).bytes(DType::BF16) >> 20, 582);
-        assert_eq!(sizes.units().count(), 2 + 16 + 32);
+        assert_eq!(sizes.units().count(), 1 + 49 + 16 + 32);
     }
 
     #[test]

@@ -1,0 +1,40 @@
+//! The one error type of hidream-pipeline.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong between a checkpoint folder and an image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    #[error(transparent)]
+    Config(#[from] hidream_config::ConfigError),
+    #[error(transparent)]
+    Weights(#[from] hidream_weights::WeightsError),
+    #[error(transparent)]
+    Memory(#[from] hidream_memory::MemoryError),
+    #[error(transparent)]
+    Model(#[from] hidream_model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// The streaming scheduler failed (a unit failed to load, or the worker stopped).
+    #[error("streaming: {0}")]
+    Schedule(String),
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// A required file is missing from a model folder.
+    #[error("missing {path}: {hint}")]
+    MissingFile { path: PathBuf, hint: String },
+    /// A tensor or setting has the wrong shape or value.
+    #[error("{what}: {problem}")]
+    Invalid { what: String, problem: String },
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+
+impl PipelineError {
+    pub(crate) fn invalid(what: impl Into<String>, problem: impl Into<String>) -> Self {
+        PipelineError::Invalid { what: what.into(), problem: problem.into() }
+    }
+}

@@ -1,0 +1,24 @@
+//! HiDream-I1 end to end, in the order diffusers' `HiDreamImagePipeline` runs it.
+//!
+//! - [`runner`]: the transformer under a memory policy: the planner's resident set, streamed
+//!   blocks prefetched in the background, and the exact per-prompt precomputation.
+//! - [`euler`]: a plain flow-matching Euler loop, for benchmarks.
+//! - [`schedulers`]: the official samplers, `FlowUniPCMultistepScheduler` and
+//!   `FlashFlowMatchEulerDiscreteScheduler`.
+//! - [`text`]: the four text encoders and their tokenizers.
+//! - [`vae`]: the Flux 16-channel AutoencoderKL decoder with tiling and slicing.
+//!
+//! This crate wires the others; it is the first that knows weights, memory and model together.
+//! It must not know the command line: the `hidream` binary is a thin layer over it.
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod euler;
+pub mod runner;
+pub mod schedulers;
+pub mod text;
+mod units;
+pub mod vae;
+
+pub use error::{PipelineError, Result};
+pub use units::{Precompute, UnitTable, modulation_prefix};
