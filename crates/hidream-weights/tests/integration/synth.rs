@@ -49,7 +49,7 @@ fn sharded_tiny_checkpoint_opens_and_validates() {
     }
 
     // A unit is exactly the tensors the size model lists for it.
-    for unit in [Unit::Embedders, Unit::CaptionProjection, Unit::DoubleBlock(1), Unit::SingleBlock(0)] {
+    for unit in [Unit::Embedders, Unit::CaptionProjection(4), Unit::DoubleBlock(1), Unit::SingleBlock(0)] {
         let loaded = checkpoint.load_prefixes(&unit.prefixes(), DType::F16, &Device::Cpu).unwrap();
         let mut names: Vec<_> = loaded.keys().cloned().collect();
         let mut expected: Vec<_> = sizes.tensors(unit).iter().map(|s| s.name.clone()).collect();
