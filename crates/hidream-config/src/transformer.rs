@@ -149,6 +149,29 @@ impl TransformerConfig {
         }
     }
 
+    /// A slice of this architecture with `num_layers` double and `num_single_layers` single blocks
+    /// (at most as many as it has), keeping every width and each kept block's Llama layer: a
+    /// full-width model that fits a benchmark.
+    pub fn with_layers(&self, num_layers: usize, num_single_layers: usize) -> Result<Self> {
+        if num_layers > self.num_layers || num_single_layers > self.num_single_layers {
+            return Err(invalid(
+                "layers",
+                format!(
+                    "a slice can keep at most {} double and {} single blocks, got {num_layers} and {num_single_layers}",
+                    self.num_layers, self.num_single_layers
+                ),
+            ));
+        }
+        let double = &self.llama_layers[..num_layers];
+        let single = &self.llama_layers[self.num_layers..self.num_layers + num_single_layers];
+        Ok(TransformerConfig {
+            num_layers,
+            num_single_layers,
+            llama_layers: double.iter().chain(single).copied().collect(),
+            ..self.clone()
+        })
+    }
+
     /// Reads and validates a diffusers `config.json`.
     pub fn from_json_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.to_owned(), source })?;
@@ -319,6 +342,15 @@ mod tests {
         assert_eq!(config.llama_layers.len(), 48);
         assert_eq!(config.llama_layers[31], 31);
         assert_eq!(&config.llama_layers[32..], &[31; 16]);
+    }
+
+    #[test]
+    fn slices_keep_widths_and_llama_layers() {
+        let slice = TransformerConfig::full().with_layers(2, 3).unwrap();
+        slice.validate().unwrap();
+        assert_eq!((slice.num_layers, slice.num_single_layers, slice.inner_dim()), (2, 3, 2560));
+        assert_eq!(slice.llama_layers, vec![0, 1, 31, 31, 31]);
+        assert!(TransformerConfig::small().with_layers(5, 0).is_err());
     }
 
     #[test]

@@ -66,14 +66,23 @@ pub struct DenoiseTimings {
     pub prepared_bytes: u64,
 }
 
+/// What [`denoise`] tells its observer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepEvent {
+    /// Step `idx` is about to run (after any preparation).
+    Start(usize),
+    /// Step `idx` finished after `seconds`.
+    Done(usize, f64),
+}
+
 /// Runs the Euler loop from `noise` (`[B, C, H, W]`, f32) and returns the final latents in f32.
-/// `on_step` sees each finished step's index and seconds.
+/// `observe` sees each step start and finish (for progress bars and memory probes).
 pub fn denoise(
     runner: &mut TransformerRunner,
     noise: &Tensor,
     text: &TextConditioning,
     schedule: &EulerSchedule,
-    mut on_step: impl FnMut(usize, f64),
+    mut observe: impl FnMut(StepEvent),
 ) -> Result<(Tensor, DenoiseTimings)> {
     let batch = noise.dim(0)?;
     let timesteps = (0..schedule.n_steps())
@@ -97,6 +106,7 @@ pub fn denoise(
     };
     let mut sample = noise.to_dtype(DType::F32)?;
     for (step_idx, step_timesteps) in timesteps.iter().enumerate() {
+        observe(StepEvent::Start(step_idx));
         let started = Instant::now();
         let output = match &prepared {
             Some(prepared) => runner.forward_prepared(prepared, step_idx, &sample)?,
@@ -111,7 +121,7 @@ pub fn denoise(
         sample = schedule.step(step_idx, &sample, &output.neg()?)?;
         let seconds = started.elapsed().as_secs_f64();
         timings.step_seconds.push(seconds);
-        on_step(step_idx, seconds);
+        observe(StepEvent::Done(step_idx, seconds));
     }
     Ok((sample, timings))
 }

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::TransformerConfig;
 use hidream_memory::{MemoryError, Plan, Policy};
 use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs};
-use hidream_pipeline::euler::{EulerSchedule, TextConditioning, denoise};
+use hidream_pipeline::euler::{EulerSchedule, StepEvent, TextConditioning, denoise};
 use hidream_pipeline::runner::{RunnerConfig, TransformerRunner};
 use hidream_pipeline::{PipelineError, Precompute, UnitTable};
 use hidream_weights::{Checkpoint, InputSpec, SynthOptions};
@@ -109,13 +109,17 @@ fn denoising_is_bit_identical_under_every_policy_and_precomputation() -> Result<
     let text = text(&fixture.inputs);
     let noise = &fixture.inputs.hidden_states;
     let mut reference_runner = runner(&fixture, Policy::All, Precompute::PerStep)?;
-    let (reference, _) = denoise(&mut reference_runner, noise, &text, &schedule, |_, _| {})?;
+    let (reference, _) = denoise(&mut reference_runner, noise, &text, &schedule, |_| {})?;
     let reference = bits(&reference)?;
     for precompute in [Precompute::PerStep, Precompute::PerPrompt] {
         for policy in policies(&fixture, precompute) {
             let mut runner = runner(&fixture, policy, precompute)?;
             let mut steps = 0;
-            let (out, timings) = denoise(&mut runner, noise, &text, &schedule, |_, _| steps += 1)?;
+            let (out, timings) = denoise(&mut runner, noise, &text, &schedule, |event| {
+                if let StepEvent::Done(..) = event {
+                    steps += 1
+                }
+            })?;
             assert_eq!(steps, 3);
             assert!(bits(&out)? == reference, "{policy} {precompute:?} differs from the all-resident run");
             if precompute == Precompute::PerPrompt {
