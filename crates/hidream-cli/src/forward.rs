@@ -1,14 +1,17 @@
-//! `hidream forward`: one transformer forward from a safetensors file of inputs.
+//! `hidream forward`: one transformer forward from a safetensors file of inputs, under a memory
+//! policy.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
-use hidream_config::SizeModel;
-use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs};
+use hidream_model::TransformerInputs;
+use hidream_pipeline::runner::TransformerRunner;
 use hidream_weights::Checkpoint;
+
+use crate::residency::{HeapProbe, ResidencyArgs, report, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
@@ -25,78 +28,77 @@ pub struct ForwardArgs {
     /// Compute dtype; weights are converted to it as they load.
     #[arg(long, default_value = "f32")]
     dtype: hidream_config::DType,
-    /// Evaluate attention in chunks of this many queries (bounds the score matrix).
-    #[arg(long)]
-    attention_chunk: Option<usize>,
     /// Run the forward this many times after one warm-up run, and report each time (benchmarks).
     #[arg(long, default_value_t = 1)]
     repeat: usize,
-    /// Write a JSON report (timings, shapes) here.
-    #[arg(long)]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    residency: ResidencyArgs,
 }
 
 /// The input names, in diffusers' forward order.
-const INPUT_NAMES: [&str; 5] =
+pub const INPUT_NAMES: [&str; 5] =
     ["hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds"];
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    let device = Device::Cpu;
-    let dtype = candle_dtype(args.dtype);
-    let started = Instant::now();
-    let checkpoint = Checkpoint::open(&args.model)?;
-    let cfg = checkpoint.config()?;
-    checkpoint.validate(&SizeModel::new(&cfg))?;
-    let inputs = read_inputs(&args.inputs, &device)?;
-    let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(dtype, &device))?;
-    model.transformer_mut().set_attention(AttentionConfig { query_chunk: args.attention_chunk });
-    let loaded = started.elapsed();
-
     if args.repeat == 0 {
         bail!("--repeat must be at least 1");
     }
+    let started = Instant::now();
+    let inputs = read_inputs(&args.inputs, &Device::Cpu)?;
+    let (mut runner, config) = args.residency.open_runner(Checkpoint::open(&args.model)?, args.dtype)?;
+    let loaded = started.elapsed().as_secs_f64();
+
     let warm_up = usize::from(args.repeat > 1);
-    let mut seconds = Vec::with_capacity(args.repeat);
+    let mut probe = HeapProbe::default();
+    let mut seconds = Vec::with_capacity(args.repeat + warm_up);
     let mut sample = None;
     for _ in 0..args.repeat + warm_up {
+        probe.start();
         let forward_started = Instant::now();
-        sample = Some(model.forward(&inputs)?.to_dtype(DType::F32)?);
+        sample = Some(forward(&mut runner, &inputs)?);
         seconds.push(forward_started.elapsed().as_secs_f64());
+        probe.stop();
     }
     let seconds = seconds.split_off(warm_up);
-    let sample = sample.context("no forward ran")?;
+    let sample = sample.context("no forward ran")?.to_dtype(DType::F32)?;
     let dims = sample.dims().to_vec();
     hidream_weights::write_tensors(&args.out, &HashMap::from([("sample".to_owned(), sample)]))?;
     let median = median(&seconds);
     println!(
-        "sample {dims:?} {} -> {} (load {:.3} s, forward {median:.3} s{})",
+        "sample {dims:?} {} -> {} (load {loaded:.3} s, forward {median:.3} s{}, {})",
         args.dtype,
         args.out.display(),
-        loaded.as_secs_f64(),
-        if seconds.len() > 1 { format!(", median of {}", seconds.len()) } else { String::new() }
+        if seconds.len() > 1 { format!(" median of {}", seconds.len()) } else { String::new() },
+        runner.plan(),
     );
-    if let Some(path) = &args.report {
-        let report = serde_json::json!({
-            "dtype": args.dtype.as_str(),
-            "shape": dims,
-            "load_seconds": loaded.as_secs_f64(),
-            "seconds": seconds,
-            "median_seconds": median,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("writing report {}", path.display()))?;
+    if let Some(path) = &args.residency.report {
+        let mut value = report(&runner, &config, &probe, &seconds);
+        value["load_seconds"] = loaded.into();
+        value["median_seconds"] = median.into();
+        value["shape"] = dims.into();
+        write_json(path, &value)?;
     }
     Ok(())
 }
 
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+/// One forward: prepared once per call when the runner precomputes per prompt.
+fn forward(runner: &mut TransformerRunner, inputs: &TransformerInputs) -> Result<Tensor> {
+    if runner.runner_config().precompute.is_per_prompt() {
+        inputs.validate(runner.config())?;
+        let prepared = runner.prepare(
+            &inputs.encoder_hidden_states_t5,
+            &inputs.encoder_hidden_states_llama3,
+            &inputs.pooled_embeds,
+            std::slice::from_ref(&inputs.timesteps),
+        )?;
+        Ok(runner.forward_prepared(&prepared, 0, &inputs.hidden_states)?)
+    } else {
+        Ok(runner.forward(inputs)?)
+    }
 }
 
 /// Reads the five forward inputs, as f32, naming any that is missing.
-fn read_inputs(path: &std::path::Path, device: &Device) -> Result<TransformerInputs> {
+pub fn read_inputs(path: &Path, device: &Device) -> Result<TransformerInputs> {
     let mut tensors = hidream_weights::read_tensors(path, device)?;
     let mut take = |name: &str| -> Result<Tensor> {
         let Some(tensor) = tensors.remove(name) else {
@@ -113,11 +115,8 @@ fn read_inputs(path: &std::path::Path, device: &Device) -> Result<TransformerInp
     })
 }
 
-/// The candle dtype of a config dtype.
-pub fn candle_dtype(dtype: hidream_config::DType) -> DType {
-    match dtype {
-        hidream_config::DType::F32 => DType::F32,
-        hidream_config::DType::F16 => DType::F16,
-        hidream_config::DType::BF16 => DType::BF16,
-    }
+pub fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -11,6 +11,9 @@ pub struct SynthArgs {
     /// `tiny` (tests), `small` (benchmarks) or `full` (the real architecture, 34 GB in bf16).
     #[arg(long, default_value = "small")]
     preset: String,
+    /// Keep only D double and S single blocks of the preset (`--layers 4,4`): a full-width slice.
+    #[arg(long, value_parser = parse_layers)]
+    layers: Option<(usize, usize)>,
     /// Write a checkpoint (config.json + safetensors, diffusers layout) into this folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -43,7 +46,10 @@ pub fn run(args: &SynthArgs) -> Result<()> {
     if args.out.is_none() && args.inputs.is_none() {
         bail!("nothing to write: pass --out DIR for a checkpoint and/or --inputs FILE for inputs");
     }
-    let config = TransformerConfig::preset(&args.preset)?;
+    let mut config = TransformerConfig::preset(&args.preset)?;
+    if let Some((num_layers, num_single_layers)) = args.layers {
+        config = config.with_layers(num_layers, num_single_layers)?;
+    }
     if let Some(dir) = &args.out {
         let sizes = SizeModel::new(&config);
         let options = SynthOptions { seed: args.seed, dtype: args.dtype, max_shard_bytes: args.max_shard_size };
@@ -82,6 +88,12 @@ fn parse_latent(text: &str) -> Result<(usize, usize)> {
         Some((height, width)) if height > 0 && width > 0 => Ok((height, width)),
         _ => bail!("--latent must be HxW in latent pixels, like 32x32; got `{text}`"),
     }
+}
+
+fn parse_layers(text: &str) -> Result<(usize, usize), String> {
+    text.split_once(',')
+        .and_then(|(double, single)| Some((double.trim().parse().ok()?, single.trim().parse().ok()?)))
+        .ok_or_else(|| format!("expected D,S (double and single block counts), like 4,4; got `{text}`"))
 }
 
 fn parse_size(text: &str) -> Result<u64, String> {

@@ -9,12 +9,17 @@
 //! every other crate (and a planner run before any weight is downloaded) can depend on it cheaply.
 #![forbid(unsafe_code)]
 
+mod cost;
 mod dtype;
 mod error;
 mod transformer;
 mod units;
 mod variant;
 
+pub use cost::{
+    ActivationPeak, ActivationTerms, BlockKind, ForwardFlops, MAX_SEQUENCE_LENGTH, PreparedState, Workload,
+    image_tokens,
+};
 pub use dtype::DType;
 pub use error::{ConfigError, Result};
 pub use transformer::TransformerConfig;

@@ -349,7 +349,7 @@ mod tests {
         let slice = TransformerConfig::full().with_layers(2, 3).unwrap();
         slice.validate().unwrap();
         assert_eq!((slice.num_layers, slice.num_single_layers, slice.inner_dim()), (2, 3, 2560));
-        assert_eq!(slice.llama_layers, vec![0, 1, 31, 31, 31]);
+        assert_eq!(slice.llama_layers, vec![0, 1, 16, 17, 18]);
         assert!(TransformerConfig::small().with_layers(5, 0).is_err());
     }
 

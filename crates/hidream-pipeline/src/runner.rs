@@ -153,7 +153,7 @@ impl TransformerRunner {
 
     /// Loading statistics over the runner's life.
     pub fn stats(&self) -> PrefetchStats {
-        let mut stats = self.past_stats.clone();
+        let mut stats = self.past_stats;
         if let Some(prefetcher) = &self.prefetcher {
             add_stats(&mut stats, &prefetcher.stats());
         }

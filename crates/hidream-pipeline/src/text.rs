@@ -1,1 +1,136 @@
-//! (in progress)
+//! The four text encoders of HiDream-I1 and their tokenizers, exact against diffusers'
+//! `HiDreamImagePipeline.encode_prompt`:
+//!
+//! - [`clip::ClipTextEncoder`]: CLIP-L (`text_encoder/`, `tokenizer/`) and CLIP-G
+//!   (`text_encoder_2/`, `tokenizer_2/`), projected pooled embeddings, concatenated
+//!   `[CLIP-L | CLIP-G]` into the pooled embeds `[B, 768 + 1280]`.
+//! - [`t5::T5TextEncoder`]: the T5-XXL encoder (`text_encoder_3/`, `tokenizer_3/`), last hidden
+//!   state `[B, 128, 4096]`.
+//! - [`llama::LlamaTextEncoder`]: Llama-3.1-8B-Instruct, every layer's hidden state
+//!   `[32, B, 128, 4096]`; [`llama::LlamaStem`] runs it one layer at a time for a streaming caller.
+//!
+//! Each encoder is loaded with `load(dirs, dtype, device)` and encodes with `encode(prompts)`;
+//! [`encode_prompts`] runs the four in turn, each freed before the next is loaded. Prompts are
+//! tokenized with the `tokenizers` crate from each folder's `tokenizer.json`, truncated and padded
+//! to [`MAX_SEQUENCE_LENGTH`] tokens as the pipeline does. The negative prompt is the caller's
+//! business (diffusers encodes `""`).
+//!
+//! Weights are read through `hidream_weights::Checkpoint`: a folder with one `*.safetensors` file,
+//! or transformers' `model.safetensors.index.json` with its shards.
+
+pub mod clip;
+pub mod llama;
+pub mod t5;
+mod tokenize;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use hidream_weights::Checkpoint;
+use serde::de::DeserializeOwned;
+
+pub use clip::ClipTextEncoder;
+pub use llama::{LlamaLayer, LlamaPass, LlamaStem, LlamaTextEncoder};
+pub use t5::T5TextEncoder;
+pub use tokenize::{Length, PadWith, PromptTokenizer, Tokens};
+
+use crate::{PipelineError, Result};
+
+/// The pipeline's `max_sequence_length` (diffusers' default): T5 and Llama get
+/// `min(128, model_max_length)` tokens, the CLIPs `min(128, 218)`.
+pub const MAX_SEQUENCE_LENGTH: usize = 128;
+
+/// Where the text encoders and tokenizers live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextEncoderPaths {
+    pub clip_l: PathBuf,
+    pub clip_l_tokenizer: PathBuf,
+    pub clip_g: PathBuf,
+    pub clip_g_tokenizer: PathBuf,
+    pub t5: PathBuf,
+    pub t5_tokenizer: PathBuf,
+    /// A `LlamaForCausalLM` folder holding its tokenizer too.
+    pub llama: PathBuf,
+}
+
+impl TextEncoderPaths {
+    /// The Hugging Face layout of HiDream-I1: `text_encoder{,_2,_3}/` and `tokenizer{,_2,_3}/`
+    /// under `model_root`, and Llama (not part of the HiDream repositories) in `llama_dir`.
+    pub fn hub_layout(model_root: &Path, llama_dir: &Path) -> TextEncoderPaths {
+        TextEncoderPaths {
+            clip_l: model_root.join("text_encoder"),
+            clip_l_tokenizer: model_root.join("tokenizer"),
+            clip_g: model_root.join("text_encoder_2"),
+            clip_g_tokenizer: model_root.join("tokenizer_2"),
+            t5: model_root.join("text_encoder_3"),
+            t5_tokenizer: model_root.join("tokenizer_3"),
+            llama: llama_dir.to_owned(),
+        }
+    }
+}
+
+/// What the transformer takes from the text stack, for a batch of prompts.
+#[derive(Debug, Clone)]
+pub struct PromptEmbeds {
+    /// `[B, 768 + 1280]`: CLIP-L then CLIP-G `text_embeds`.
+    pub pooled: Tensor,
+    /// `[B, 128, 4096]`: T5's last hidden state.
+    pub t5: Tensor,
+    /// `[32, B, 128, 4096]`: every Llama layer's hidden state.
+    pub llama: Tensor,
+}
+
+/// Encodes `prompts` with the four encoders in turn, each loaded, used and freed before the next
+/// (CLIP-L, CLIP-G, T5, Llama: diffusers' offload order), all in `dtype` on `device`.
+pub fn encode_prompts(
+    paths: &TextEncoderPaths,
+    prompts: &[&str],
+    dtype: DType,
+    device: &Device,
+) -> Result<PromptEmbeds> {
+    let clip_l = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, dtype, device)?.encode(prompts)?;
+    let clip_g = ClipTextEncoder::load(&paths.clip_g, &paths.clip_g_tokenizer, dtype, device)?.encode(prompts)?;
+    let pooled = Tensor::cat(&[clip_l, clip_g], 1)?;
+    let t5 = T5TextEncoder::load(&paths.t5, &paths.t5_tokenizer, dtype, device)?.encode(prompts)?;
+    let llama = LlamaTextEncoder::load(&paths.llama, dtype, device)?.encode(prompts)?;
+    Ok(PromptEmbeds { pooled, t5, llama })
+}
+
+/// transformers' shard index.
+const TRANSFORMERS_INDEX: &str = "model.safetensors.index.json";
+
+/// Opens the weights of a transformers model folder: `model.safetensors.index.json` with its
+/// shards, or the folder's one `*.safetensors` file.
+pub(crate) fn open_weights(dir: &Path) -> Result<Checkpoint> {
+    let index = dir.join(TRANSFORMERS_INDEX);
+    if index.is_file() {
+        return Ok(Checkpoint::open(&index)?);
+    }
+    let has_safetensors = std::fs::read_dir(dir)
+        .map_err(|source| PipelineError::Io { path: dir.to_owned(), source })?
+        .filter_map(std::result::Result::ok)
+        .any(|entry| entry.path().extension().is_some_and(|ext| ext == "safetensors"));
+    if !has_safetensors {
+        return Err(PipelineError::MissingFile {
+            path: dir.join("model.safetensors"),
+            hint: format!(
+                "download the model's safetensors weights (and `{TRANSFORMERS_INDEX}` if sharded) into {}",
+                dir.display()
+            ),
+        });
+    }
+    Ok(Checkpoint::open(dir)?)
+}
+
+/// Reads `dir/config.json`.
+pub(crate) fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join("config.json");
+    if !path.is_file() {
+        return Err(PipelineError::MissingFile {
+            path,
+            hint: "download the model folder with its `config.json` (transformers' `save_pretrained` writes it)".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&path).map_err(|source| PipelineError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|err| PipelineError::invalid(path.display().to_string(), err.to_string()))
+}

@@ -28,7 +28,7 @@ pub(super) struct UnitSources<'a> {
 /// A unit from either source, dereferencing to the loaded unit.
 pub(super) enum UnitRef<'a> {
     Resident(&'a LoadedUnit),
-    Streamed(Loaded<LoadedUnit>),
+    Streamed(Box<Loaded<LoadedUnit>>),
 }
 
 impl Deref for UnitRef<'_> {
@@ -63,7 +63,7 @@ impl UnitSources<'_> {
                 loaded.unit_idx()
             )));
         }
-        Ok(UnitRef::Streamed(loaded))
+        Ok(UnitRef::Streamed(Box::new(loaded)))
     }
 
     /// Caption projection `idx`.

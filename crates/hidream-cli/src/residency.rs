@@ -1,0 +1,171 @@
+//! The memory flags shared by `forward` and `denoise`, the heap probe, and the JSON report.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use hidream_memory::{Budget, CountingAllocator, DEFAULT_PREFETCH_DEPTH, MemoryError, Policy, PolicyKind};
+use hidream_model::AttentionConfig;
+use hidream_pipeline::runner::{RunnerConfig, TransformerRunner};
+use hidream_pipeline::{PipelineError, Precompute, UnitTable};
+use hidream_weights::Checkpoint;
+use serde_json::{Value, json};
+
+#[derive(Debug, clap::Args)]
+pub struct ResidencyArgs {
+    /// Where weights live: `all` resident, `sequential` (load, run, free), `stream` (prefetch
+    /// ahead), or `budget` (the planner's resident set plus streaming). Default: `budget` when
+    /// --budget is given, else `all`.
+    #[arg(long)]
+    residency: Option<PolicyKind>,
+    /// The device-tier budget for weights: bytes (`8GiB`, `512MiB`) or a share of the weight bytes
+    /// in the compute dtype (`25%`).
+    #[arg(long)]
+    budget: Option<Budget>,
+    /// Streamed units loaded ahead of the one computing.
+    #[arg(long, default_value_t = DEFAULT_PREFETCH_DEPTH)]
+    prefetch: usize,
+    /// Run the caption projections and adaLN modulation inside every step, as diffusers does,
+    /// instead of once per prompt (same output; more bytes streamed per step).
+    #[arg(long)]
+    no_precompute: bool,
+    /// Evaluate attention in chunks of this many queries (bounds the score matrix).
+    #[arg(long)]
+    attention_chunk: Option<usize>,
+    /// Write a JSON report of memory and time here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+}
+
+impl ResidencyArgs {
+    /// The runner configuration these flags ask for, for a model of `cfg` in `dtype`.
+    pub fn runner_config(
+        &self,
+        cfg: &hidream_config::TransformerConfig,
+        dtype: hidream_config::DType,
+    ) -> Result<RunnerConfig> {
+        let precompute = if self.no_precompute { Precompute::PerStep } else { Precompute::PerPrompt };
+        let total = UnitTable::new(cfg, dtype, precompute).weight_bytes_total();
+        let kind = self.residency.unwrap_or(if self.budget.is_some() { PolicyKind::Budget } else { PolicyKind::All });
+        let policy = match (kind, self.budget) {
+            (PolicyKind::Budget, Some(budget)) => {
+                Policy::Budget { budget_bytes: budget.resolve(total), prefetch: self.prefetch }
+            }
+            (PolicyKind::Budget, None) => bail!("--residency budget needs --budget (e.g. 8GiB or 25%)"),
+            (other, Some(_)) => bail!("--budget applies to --residency budget, not `{other}`"),
+            (PolicyKind::All, None) => Policy::All,
+            (PolicyKind::Sequential, None) => Policy::Sequential,
+            (PolicyKind::Stream, None) => Policy::Stream { prefetch: self.prefetch },
+        };
+        Ok(RunnerConfig {
+            policy,
+            compute_dtype: dtype,
+            precompute,
+            attention: AttentionConfig { query_chunk: self.attention_chunk },
+        })
+    }
+
+    /// Opens the runner, and on a budget below the minimum writes a report that says so.
+    pub fn open_runner(
+        &self,
+        checkpoint: Checkpoint,
+        dtype: hidream_config::DType,
+    ) -> Result<(TransformerRunner, RunnerConfig)> {
+        let cfg = checkpoint.config()?;
+        let config = self.runner_config(&cfg, dtype)?;
+        match TransformerRunner::new(checkpoint, &candle_core::Device::Cpu, config) {
+            Ok(runner) => Ok((runner, config)),
+            Err(err) => {
+                if let (Some(path), PipelineError::Memory(MemoryError::BudgetTooSmall { budget, minimum, .. })) =
+                    (&self.report, &err)
+                {
+                    let report = json!({
+                        "policy": config.policy.kind().as_str(),
+                        "prefetch": self.prefetch,
+                        "precompute": config.precompute.is_per_prompt(),
+                        "budget_bytes": budget,
+                        "minimum_budget_bytes": minimum,
+                        "error": err.to_string(),
+                    });
+                    write_json(path, &report)?;
+                }
+                Err(err.into())
+            }
+        }
+    }
+}
+
+/// Heap figures from the counting allocator: the process peak, and the largest growth of the heap
+/// within one forward (under `all`, that is the activation peak).
+#[derive(Debug, Default)]
+pub struct HeapProbe {
+    peak_before: u64,
+    forward_start: u64,
+    max_forward_delta: u64,
+}
+
+impl HeapProbe {
+    /// Call just before a forward starts.
+    pub fn start(&mut self) {
+        self.peak_before = self.peak_before.max(CountingAllocator::peak_bytes());
+        CountingAllocator::reset_peak();
+        self.forward_start = CountingAllocator::current_bytes();
+    }
+
+    /// Call just after a forward ends.
+    pub fn stop(&mut self) {
+        let peak = CountingAllocator::peak_bytes();
+        self.max_forward_delta = self.max_forward_delta.max(peak.saturating_sub(self.forward_start));
+    }
+
+    pub fn peak_device_bytes(&self) -> u64 {
+        self.peak_before.max(CountingAllocator::peak_bytes())
+    }
+
+    pub fn max_forward_delta(&self) -> u64 {
+        self.max_forward_delta
+    }
+}
+
+/// The report keys every run shares.
+pub fn report(runner: &TransformerRunner, config: &RunnerConfig, probe: &HeapProbe, seconds: &[f64]) -> Value {
+    let plan = runner.plan();
+    let table = runner.table();
+    let stats = runner.stats();
+    let total: f64 = seconds.iter().sum();
+    let budget = runner.pool().budget_bytes();
+    json!({
+        "policy": config.policy.kind().as_str(),
+        "prefetch": plan.prefetch_depth(),
+        "precompute": config.precompute.is_per_prompt(),
+        "compute_dtype": config.compute_dtype.as_str(),
+        "budget_bytes": budget,
+        "minimum_budget_bytes": hidream_memory::Plan::minimum_budget(table.specs(), plan.prefetch_depth()),
+        "weight_bytes_total": table.weight_bytes_total(),
+        "step_weight_bytes": table.step_bytes(),
+        "resident_bytes": plan.resident_bytes(),
+        "streamed_bytes_per_forward": plan.streamed_bytes_per_pass(),
+        "peak_weight_bytes": runner.pool().peak_bytes(),
+        "peak_device_bytes": probe.peak_device_bytes(),
+        "forward_heap_peak_delta_bytes": probe.max_forward_delta(),
+        "units_streamed": stats.units_delivered,
+        "bytes_streamed": stats.bytes_delivered,
+        "stall_seconds": stats.stall_time.as_secs_f64(),
+        "steps": seconds.len(),
+        "seconds": total,
+        "seconds_per_step": if seconds.is_empty() { 0.0 } else { total / seconds.len() as f64 },
+        "step_seconds": seconds,
+    })
+}
+
+pub fn write_json(path: &Path, value: &Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Max |a − b| over two tensors of the same shape.
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {
+    if a.dims() != b.dims() {
+        bail!("cannot compare shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    let diff = (a.to_dtype(candle_core::DType::F32)? - b.to_dtype(candle_core::DType::F32)?)?.abs()?;
+    Ok(diff.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}

@@ -1,0 +1,312 @@
+//! CLIP-L and CLIP-G: transformers' `CLIPTextModelWithProjection`, `text_embeds` only, as
+//! `HiDreamImagePipeline._get_clip_prompt_embeds` calls it.
+//!
+//! - 128 tokens (`min(max_sequence_length, 218)`), padded with the tokenizer's pad token, and no
+//!   attention mask: the only mask is the causal one.
+//! - Pooling picks the final-layer-normed hidden state of one token per prompt. Which one depends
+//!   on the config: `eos_token_id == 2` (configs saved before transformers PR #24773) means the
+//!   largest token id (`input_ids.argmax(-1)`, the first on ties); otherwise the first occurrence of
+//!   `eos_token_id`.
+//! - `text_embeds = text_projection(pooled)`, a linear map without bias.
+//!
+//! The body is candle-transformers' `clip::text_model::ClipTextTransformer` when the activation
+//! is `quick_gelu` (CLIP-L); that model knows no other activation, so for the others (CLIP-G uses
+//! exact `gelu`) the encoder layers are [`ClipLayer`] below, with the same structure and keys.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::clip::text_model::{
+    Activation as CandleActivation, ClipTextConfig as CandleClipConfig, ClipTextTransformer,
+};
+use serde::Deserialize;
+
+use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
+use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
+use crate::{PipelineError, Result};
+
+/// The CLIP token limit `_get_clip_prompt_embeds` applies instead of the tokenizer's.
+const CLIP_TOKEN_LIMIT: usize = 218;
+/// transformers' marker of the legacy pooling (`CLIPTextTransformer.forward`).
+const LEGACY_EOS_TOKEN_ID: u32 = 2;
+
+/// The fields of transformers' `CLIPTextConfig` that the text model uses.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub projection_dim: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_hidden_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_layer_norm_eps")]
+    pub layer_norm_eps: f64,
+    /// transformers' default is 2, the legacy marker.
+    #[serde(default = "default_eos_token_id")]
+    pub eos_token_id: u32,
+}
+
+fn default_hidden_act() -> String {
+    "quick_gelu".to_owned()
+}
+
+fn default_layer_norm_eps() -> f64 {
+    1e-5
+}
+
+fn default_eos_token_id() -> u32 {
+    LEGACY_EOS_TOKEN_ID
+}
+
+/// A CLIP text encoder with its projection head and tokenizer.
+#[derive(Debug)]
+pub struct ClipTextEncoder {
+    config: ClipConfig,
+    tokenizer: PromptTokenizer,
+    body: ClipBody,
+    text_projection: Linear,
+    device: Device,
+}
+
+#[derive(Debug)]
+enum ClipBody {
+    /// candle-transformers' model: embeddings, causal encoder and final layer norm.
+    QuickGelu(ClipTextTransformer),
+    /// The same structure with another activation.
+    Other(ClipTransformer),
+}
+
+impl ClipTextEncoder {
+    /// Loads a `CLIPTextModelWithProjection` folder (`config.json` and `model.safetensors`) and its
+    /// tokenizer folder (`tokenizer.json`), e.g. `text_encoder/` and `tokenizer/` of HiDream-I1.
+    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextEncoder> {
+        let config: ClipConfig = read_config(encoder_dir)?;
+        let tokenizer = PromptTokenizer::load(
+            tokenizer_dir,
+            PadWith::PadToken { default: "<|endoftext|>" },
+            Length::Fixed(MAX_SEQUENCE_LENGTH.min(CLIP_TOKEN_LIMIT)),
+        )?;
+        if tokenizer.max_length() > config.max_position_embeddings {
+            return Err(PipelineError::invalid(
+                encoder_dir.join("config.json").display().to_string(),
+                format!(
+                    "max_position_embeddings {} is less than the {} tokens the pipeline feeds",
+                    config.max_position_embeddings,
+                    tokenizer.max_length()
+                ),
+            ));
+        }
+        let vb = open_weights(encoder_dir)?.var_builder(dtype, device);
+        let text_vb = vb.pp("text_model");
+        let body = if config.hidden_act == "quick_gelu" && config.layer_norm_eps == 1e-5 {
+            ClipBody::QuickGelu(ClipTextTransformer::new(text_vb, &candle_config(&config))?)
+        } else {
+            ClipBody::Other(ClipTransformer::new(&config, activation(&config, encoder_dir)?, text_vb)?)
+        };
+        let text_projection =
+            candle_nn::linear_no_bias(config.hidden_size, config.projection_dim, vb.pp("text_projection"))?;
+        Ok(ClipTextEncoder { config, tokenizer, body, text_projection, device: device.clone() })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    /// `text_embeds` of each prompt: `[B, projection_dim]`.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let tokens = self.tokenizer.encode(prompts)?;
+        self.forward(&tokens)
+    }
+
+    /// `text_embeds` of tokenized prompts.
+    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor> {
+        let ids = tokens.ids_tensor(&self.device)?;
+        let hidden = match &self.body {
+            ClipBody::QuickGelu(model) => model.forward_with_mask(&ids, usize::MAX)?,
+            ClipBody::Other(model) => model.forward(&ids)?,
+        };
+        let pooled = tokens
+            .ids()
+            .iter()
+            .enumerate()
+            .map(|(batch_idx, row)| hidden.i((batch_idx, pooled_position(self.config.eos_token_id, row))))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&pooled, 0)?;
+        Ok(self.text_projection.forward(&pooled)?)
+    }
+}
+
+/// The token whose hidden state is pooled, as transformers picks it.
+fn pooled_position(eos_token_id: u32, ids: &[u32]) -> usize {
+    if eos_token_id == LEGACY_EOS_TOKEN_ID {
+        // `input_ids.argmax(-1)`: the first of equal maxima.
+        let max = ids.iter().copied().max().unwrap_or(0);
+        ids.iter().position(|&id| id == max).unwrap_or(0)
+    } else {
+        // `(input_ids == eos_token_id).int().argmax(-1)`: 0 when the eos is absent.
+        ids.iter().position(|&id| id == eos_token_id).unwrap_or(0)
+    }
+}
+
+fn candle_config(config: &ClipConfig) -> CandleClipConfig {
+    CandleClipConfig {
+        vocab_size: config.vocab_size,
+        embed_dim: config.hidden_size,
+        activation: CandleActivation::QuickGelu,
+        intermediate_size: config.intermediate_size,
+        max_position_embeddings: config.max_position_embeddings,
+        pad_with: None,
+        num_hidden_layers: config.num_hidden_layers,
+        num_attention_heads: config.num_attention_heads,
+        projection_dim: config.projection_dim,
+    }
+}
+
+fn activation(config: &ClipConfig, dir: &Path) -> Result<Activation> {
+    if config.hidden_act == "quick_gelu" {
+        // Only reached with a layer norm eps other than candle-transformers' fixed 1e-5.
+        return Err(PipelineError::invalid(
+            dir.join("config.json").display().to_string(),
+            format!("quick_gelu with layer_norm_eps {} is not supported", config.layer_norm_eps),
+        ));
+    }
+    serde_json::from_value(serde_json::Value::String(config.hidden_act.clone())).map_err(|_| {
+        PipelineError::invalid(
+            dir.join("config.json").display().to_string(),
+            format!("unsupported hidden_act `{}`", config.hidden_act),
+        )
+    })
+}
+
+/// transformers' `CLIPTextTransformer` up to the final layer norm, for activations that
+/// candle-transformers' CLIP lacks. Keys are relative to `text_model.`.
+#[derive(Debug)]
+struct ClipTransformer {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+}
+
+impl ClipTransformer {
+    fn new(config: &ClipConfig, activation: Activation, vb: VarBuilder) -> Result<ClipTransformer> {
+        let embeddings = vb.pp("embeddings");
+        let token_embedding =
+            candle_nn::embedding(config.vocab_size, config.hidden_size, embeddings.pp("token_embedding"))?;
+        let position_embedding = candle_nn::embedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embeddings.pp("position_embedding"),
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|layer_idx| ClipLayer::new(config, activation, vb.pp(format!("encoder.layers.{layer_idx}"))))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layer_norm =
+            candle_nn::layer_norm(config.hidden_size, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
+        Ok(ClipTransformer { token_embedding, position_embedding, layers, final_layer_norm })
+    }
+
+    /// The final-layer-normed hidden states `[B, T, hidden]` of `[B, T]` ids.
+    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (_, seq_len) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, seq_len as u32, ids.device())?;
+        let mut hidden =
+            self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq_len, ids.device())?;
+        for layer in &self.layers {
+            hidden = layer.forward(&hidden, &mask)?;
+        }
+        Ok(self.final_layer_norm.forward(&hidden)?)
+    }
+}
+
+/// One pre-norm CLIP encoder layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
+#[derive(Debug)]
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: Activation,
+    n_heads: usize,
+}
+
+impl ClipLayer {
+    fn new(config: &ClipConfig, activation: Activation, vb: VarBuilder) -> Result<ClipLayer> {
+        let (hidden, inner) = (config.hidden_size, config.intermediate_size);
+        let attn = vb.pp("self_attn");
+        let mlp = vb.pp("mlp");
+        Ok(ClipLayer {
+            layer_norm1: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("layer_norm1"))?,
+            q_proj: candle_nn::linear(hidden, hidden, attn.pp("q_proj"))?,
+            k_proj: candle_nn::linear(hidden, hidden, attn.pp("k_proj"))?,
+            v_proj: candle_nn::linear(hidden, hidden, attn.pp("v_proj"))?,
+            out_proj: candle_nn::linear(hidden, hidden, attn.pp("out_proj"))?,
+            layer_norm2: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(hidden, inner, mlp.pp("fc1"))?,
+            fc2: candle_nn::linear(inner, hidden, mlp.pp("fc2"))?,
+            activation,
+            n_heads: config.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let normed = self.layer_norm1.forward(xs)?;
+        let xs = (xs + self.attention(&normed, mask)?)?;
+        let normed = self.layer_norm2.forward(&xs)?;
+        let mlp = self.fc2.forward(&self.activation.forward(&self.fc1.forward(&normed)?)?)?;
+        Ok((xs + mlp)?)
+    }
+
+    /// Softmax attention in f32 with an additive `[T, T]` mask.
+    fn attention(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (batch, seq_len, hidden) = xs.dims3()?;
+        let head_dim = hidden / self.n_heads;
+        let heads = |proj: &Linear| -> candle_core::Result<Tensor> {
+            proj.forward(xs)?
+                .reshape((batch, seq_len, self.n_heads, head_dim))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)
+        };
+        let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
+        let scores = (q.matmul(&k.t()?)? * (head_dim as f64).powf(-0.5))?.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights.matmul(&v)?.to_dtype(xs.dtype())?.transpose(1, 2)?.reshape((batch, seq_len, hidden))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+/// `[T, T]` f32: 0 on and below the diagonal, the most negative f32 above (transformers' value).
+fn causal_mask(seq_len: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let mask: Vec<f32> =
+        (0..seq_len).flat_map(|query| (0..seq_len).map(move |key| if key > query { f32::MIN } else { 0.0 })).collect();
+    Tensor::from_vec(mask, (seq_len, seq_len), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pooled_position;
+
+    #[test]
+    fn pooling_follows_transformers() {
+        // Legacy (eos_token_id 2): the first largest id, whatever the eos.
+        assert_eq!(pooled_position(2, &[7, 3, 9, 9, 9]), 2);
+        assert_eq!(pooled_position(2, &[7, 3, 9, 4, 1]), 2);
+        // Otherwise the first eos, and 0 when there is none.
+        assert_eq!(pooled_position(1, &[0, 5, 6, 1, 2, 2]), 3);
+        assert_eq!(pooled_position(1, &[0, 5, 6]), 0);
+    }
+}

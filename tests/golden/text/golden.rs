@@ -1,0 +1,227 @@
+//! Golden tests of the text stack against diffusers' `HiDreamImagePipeline.encode_prompt`.
+//!
+//! `generate.py` beside this file made the tiny models and tokenizers under `model/` and `llama/`
+//! and the expected outputs (`expected.safetensors`, prompts in `expected.json`) with diffusers
+//! 0.42.1, transformers 5.24.0 and torch 2.15 (CPU, f32); CI only reads them.
+//!
+//! - Token ids and attention masks must be identical.
+//! - Embeddings (f32): max |rust − diffusers| ≤ 1e-4 × max(1, max |expected|). Measured: CLIP-L
+//!   4.8e-7, CLIP-G 8.3e-7, T5 5.4e-6, Llama 2.3e-6.
+//! - bf16 weights and compute, against the f32 reference: ≤ max(2 × d, 2e-2 × max(1, max
+//!   |expected|)), where d is how far diffusers' own bf16 run drifts from its f32 run (pooled 2.2e-2,
+//!   T5 1.7e-1, Llama 7.8e-2; ours: 2.2e-2, 1.3e-1, 7.7e-2).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, ensure};
+use candle_core::{DType, Device, Tensor};
+use hidream_pipeline::PipelineError;
+use hidream_pipeline::text::{
+    ClipTextEncoder, LlamaLayer, LlamaStem, LlamaTextEncoder, T5TextEncoder, TextEncoderPaths, Tokens, encode_prompts,
+};
+
+const TOLERANCE: f32 = 1e-4;
+/// The smallest bf16 bound, relative to max(1, max |expected|).
+const BF16_FLOOR: f32 = 2e-2;
+
+fn golden_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/text")
+}
+
+fn paths() -> TextEncoderPaths {
+    TextEncoderPaths::hub_layout(&golden_dir().join("model"), &golden_dir().join("llama"))
+}
+
+/// The fixture: the prompts and every expected tensor.
+struct Golden {
+    prompts: Vec<String>,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Golden {
+    fn load() -> Result<Golden> {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(golden_dir().join("expected.json"))?)?;
+        let prompts = meta["prompts"]
+            .as_array()
+            .ok_or_else(|| anyhow!("expected.json has no prompts"))?
+            .iter()
+            .map(|prompt| prompt.as_str().map(str::to_owned).ok_or_else(|| anyhow!("a prompt is not a string")))
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = candle_core::safetensors::load(golden_dir().join("expected.safetensors"), &Device::Cpu)?;
+        Ok(Golden { prompts, tensors })
+    }
+
+    fn prompts(&self) -> Vec<&str> {
+        self.prompts.iter().map(String::as_str).collect()
+    }
+
+    fn tensor(&self, name: &str) -> Result<&Tensor> {
+        self.tensors.get(name).with_context(|| format!("expected.safetensors has no `{name}`"))
+    }
+
+    fn rows(&self, name: &str) -> Result<Vec<Vec<u32>>> {
+        let rows = self.tensor(name)?.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        Ok(rows.into_iter().map(|row| row.into_iter().map(|id| id as u32).collect()).collect())
+    }
+}
+
+/// Token ids (and, for the encoders that use it, the mask) must equal the pipeline's.
+fn check_tokens(golden: &Golden, key: &str, tokens: &Tokens, with_mask: bool) -> Result<()> {
+    let expected_ids = golden.rows(&format!("{key}.ids"))?;
+    for (prompt_idx, (actual, expected)) in tokens.ids().iter().zip(&expected_ids).enumerate() {
+        ensure!(
+            actual == expected,
+            "{key}: ids of prompt {prompt_idx} differ:\n  rust {actual:?}\n  diffusers {expected:?}"
+        );
+    }
+    ensure!(tokens.n_prompts() == expected_ids.len(), "{key}: {} prompts tokenized", tokens.n_prompts());
+    if with_mask {
+        ensure!(tokens.mask() == golden.rows(&format!("{key}.mask"))?.as_slice(), "{key}: attention masks differ");
+    }
+    Ok(())
+}
+
+/// Compares embeddings within `TOLERANCE × max(1, max |expected|)` and prints the worst element.
+fn check_close(what: &str, actual: &Tensor, expected: &Tensor) -> Result<()> {
+    check_within(what, actual, expected, TOLERANCE * max_abs(expected)?.max(1.0))
+}
+
+fn max_abs(tensor: &Tensor) -> Result<f32> {
+    Ok(tensor.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+/// Compares embeddings within `bound` and prints the worst element.
+fn check_within(what: &str, actual: &Tensor, expected: &Tensor, bound: f32) -> Result<()> {
+    ensure!(actual.dims() == expected.dims(), "{what}: shape {:?}, expected {:?}", actual.dims(), expected.dims());
+    let actual = actual.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let expected = expected.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let (worst_idx, worst) = actual
+        .iter()
+        .zip(&expected)
+        .map(|(a, e)| if a.is_finite() { (a - e).abs() } else { f32::INFINITY })
+        .enumerate()
+        .fold((0, 0.0f32), |(best_idx, best), (idx, diff)| if diff > best { (idx, diff) } else { (best_idx, best) });
+    println!(
+        "{what}: max |diff| {worst:.3e} at flat index {worst_idx} (rust {}, diffusers {}), bound {bound:.1e}",
+        actual[worst_idx], expected[worst_idx]
+    );
+    ensure!(worst <= bound, "{what}: max |diff| {worst:.3e} > {bound:.1e} at flat index {worst_idx}");
+    Ok(())
+}
+
+fn check_clip(key: &str, encoder_dir: &Path, tokenizer_dir: &Path) -> Result<()> {
+    let golden = Golden::load()?;
+    let encoder = ClipTextEncoder::load(encoder_dir, tokenizer_dir, DType::F32, &Device::Cpu)?;
+    let tokens = encoder.tokenizer().encode(&golden.prompts())?;
+    check_tokens(&golden, key, &tokens, false)?;
+    check_close(key, &encoder.forward(&tokens)?, golden.tensor(&format!("{key}.text_embeds"))?)
+}
+
+#[test]
+fn clip_l_quick_gelu_legacy_pooling() -> Result<()> {
+    let paths = paths();
+    check_clip("clip_l", &paths.clip_l, &paths.clip_l_tokenizer)
+}
+
+#[test]
+fn clip_g_gelu_first_eos_pooling() -> Result<()> {
+    let paths = paths();
+    check_clip("clip_g", &paths.clip_g, &paths.clip_g_tokenizer)
+}
+
+#[test]
+fn t5_with_padding_mask() -> Result<()> {
+    let golden = Golden::load()?;
+    let paths = paths();
+    let encoder = T5TextEncoder::load(&paths.t5, &paths.t5_tokenizer, DType::F32, &Device::Cpu)?;
+    let tokens = encoder.tokenizer().encode(&golden.prompts())?;
+    check_tokens(&golden, "t5", &tokens, true)?;
+    check_close("t5", &encoder.forward(&tokens)?, golden.tensor("t5")?)
+}
+
+#[test]
+fn llama_all_hidden_states() -> Result<()> {
+    let golden = Golden::load()?;
+    let encoder = LlamaTextEncoder::load(&paths().llama, DType::F32, &Device::Cpu)?;
+    let tokens = encoder.stem().tokenizer().encode(&golden.prompts())?;
+    check_tokens(&golden, "llama", &tokens, true)?;
+    check_close("llama", &encoder.forward(tokens)?, golden.tensor("llama")?)
+}
+
+/// A streaming caller loads each layer from its own tensors (as hidream-memory's scheduler hands
+/// them over) and gets the resident result bit for bit.
+#[test]
+fn llama_layer_by_layer_equals_resident() -> Result<()> {
+    let golden = Golden::load()?;
+    let device = Device::Cpu;
+    let dir = paths().llama;
+    let resident = LlamaTextEncoder::load(&dir, DType::F32, &device)?.encode(&golden.prompts())?;
+
+    let stem = LlamaStem::load(&dir, DType::F32, &device)?;
+    let mut pass = stem.begin(&golden.prompts())?;
+    for layer_idx in 0..stem.config().num_hidden_layers {
+        let tensors = stem.checkpoint().load_prefixes(&[LlamaLayer::prefix(layer_idx)], DType::F32, &device)?;
+        let vb = hidream_weights::unit_var_builder(tensors, DType::F32, &device);
+        let layer = LlamaLayer::new(stem.config(), layer_idx, vb)?;
+        stem.run_layer(&mut pass, &layer)?;
+    }
+    let streamed = stem.finish(pass)?;
+    let diff = (&streamed - &resident)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    ensure!(diff == 0.0, "layer by layer differs from resident by {diff}");
+
+    // Layers out of order, or too few, are errors rather than wrong embeddings.
+    let mut pass = stem.begin(&golden.prompts())?;
+    let wrong = stem.load_layer(1)?;
+    ensure!(matches!(stem.run_layer(&mut pass, &wrong), Err(PipelineError::Invalid { .. })));
+    ensure!(matches!(stem.finish(pass), Err(PipelineError::Invalid { .. })));
+    Ok(())
+}
+
+/// The whole text stage: pooled = [CLIP-L | CLIP-G], T5, Llama, as `encode_prompt` returns them.
+#[test]
+fn encode_prompts_matches_encode_prompt() -> Result<()> {
+    let golden = Golden::load()?;
+    let embeds = encode_prompts(&paths(), &golden.prompts(), DType::F32, &Device::Cpu)?;
+    check_close("pooled", &embeds.pooled, golden.tensor("pooled")?)?;
+    check_close("t5", &embeds.t5, golden.tensor("t5")?)?;
+    check_close("llama", &embeds.llama, golden.tensor("llama")?)
+}
+
+/// A folder without `tokenizer.json` (a slow tokenizer) says how to make one.
+#[test]
+fn missing_tokenizer_json_is_reported() -> Result<()> {
+    let empty = tempfile::tempdir()?;
+    let paths = paths();
+    let err = ClipTextEncoder::load(&paths.clip_l, empty.path(), DType::F32, &Device::Cpu)
+        .err()
+        .ok_or_else(|| anyhow!("loading without tokenizer.json succeeded"))?;
+    match err {
+        PipelineError::MissingFile { path, hint } => {
+            ensure!(path.ends_with("tokenizer.json"), "{path:?}");
+            ensure!(hint.contains("save_pretrained"), "{hint}");
+        }
+        other => return Err(anyhow!("unexpected error: {other}")),
+    }
+    let err = LlamaTextEncoder::load(empty.path(), DType::F32, &Device::Cpu)
+        .err()
+        .ok_or_else(|| anyhow!("loading an empty folder succeeded"))?;
+    ensure!(matches!(err, PipelineError::MissingFile { ref path, .. } if path.ends_with("config.json")), "{err}");
+    Ok(())
+}
+
+/// bf16 weights and compute, against the f32 reference: within twice the drift of diffusers' own
+/// bf16 run (`*_bf16`), or 2e-2 × max(1, max |expected|) if that is larger.
+#[test]
+fn bf16_drifts_no_more_than_diffusers() -> Result<()> {
+    let golden = Golden::load()?;
+    let embeds = encode_prompts(&paths(), &golden.prompts(), DType::BF16, &Device::Cpu)?;
+    for (name, actual) in [("pooled", &embeds.pooled), ("t5", &embeds.t5), ("llama", &embeds.llama)] {
+        let expected = golden.tensor(name)?;
+        let drift = max_abs(&(golden.tensor(&format!("{name}_bf16"))? - expected)?)?;
+        let bound = (2.0 * drift).max(BF16_FLOOR * max_abs(expected)?.max(1.0));
+        check_within(&format!("{name} (bf16; diffusers' bf16 drift {drift:.3e})"), actual, expected, bound)?;
+    }
+    Ok(())
+}
