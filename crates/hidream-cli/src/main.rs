@@ -5,6 +5,7 @@
 
 mod denoise;
 mod forward;
+mod generate;
 mod inspect;
 mod plan;
 mod residency;
@@ -29,6 +30,8 @@ struct Cli {
 enum Command {
     /// Run one transformer forward on tensors dumped from Python (diffusers' argument names).
     Forward(forward::ForwardArgs),
+    /// Text to image with the whole pipeline (text encoders, sampler, VAE) under a memory budget.
+    Generate(generate::GenerateArgs),
     /// Run a few plain Euler flow-matching steps under a memory policy (for comparing policies).
     Denoise(denoise::DenoiseArgs),
     /// Write a synthetic checkpoint in the diffusers layout, and/or matching random inputs.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Forward(args) => forward::run(&args),
         Command::Denoise(args) => denoise::run(&args),
+        Command::Generate(args) => generate::run(&args),
         Command::Synth(args) => synth::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Plan(args) => plan::run(&args),

@@ -7,6 +7,7 @@
 //!   `FlashFlowMatchEulerDiscreteScheduler`.
 //! - [`text`]: the four text encoders and their tokenizers.
 //! - [`vae`]: the Flux 16-channel AutoencoderKL decoder with tiling and slicing.
+//! - [`generate`]: text to image, stage by stage, under a memory policy.
 //!
 //! This crate wires the others; it is the first that knows weights, memory and model together.
 //! It must not know the command line: the `hidream` binary is a thin layer over it.
@@ -14,6 +15,7 @@
 
 mod error;
 pub mod euler;
+pub mod generate;
 pub mod runner;
 pub mod schedulers;
 pub mod text;

@@ -293,7 +293,12 @@ impl Checkpoint {
     fn read(&self, name: &str, location: &Location, dtype: Option<DType>, device: &Device) -> Result<Tensor> {
         let shard = &self.inner.files[location.shard];
         let entry = &location.entry;
-        let stored = stored_dtype(&shard.path, name, entry.dtype)?;
+        // Weights (converted to a compute dtype) must be floats; plain tensor files read as stored
+        // may also hold integers (token ids, u8 pixels).
+        let stored = match dtype {
+            Some(_) => stored_dtype(&shard.path, name, entry.dtype)?,
+            None => plain_dtype(&shard.path, name, entry.dtype)?,
+        };
         let candle_error = |source| WeightsError::Candle {
             file: shard.path.clone(),
             tensor: name.to_owned(),
@@ -327,6 +332,16 @@ pub(crate) fn stored_dtype(file: &Path, tensor: &str, dtype: safetensors::Dtype)
         safetensors::Dtype::BF16 => Ok(DType::BF16),
         safetensors::Dtype::F64 => Ok(DType::F64),
         _ => Err(WeightsError::UnsupportedDtype { file: file.to_owned(), tensor: tensor.to_owned(), dtype }),
+    }
+}
+
+/// The candle dtype of a tensor in a plain tensor file: the float dtypes, and u8, u32 and i64.
+fn plain_dtype(file: &Path, tensor: &str, dtype: safetensors::Dtype) -> Result<DType> {
+    match dtype {
+        safetensors::Dtype::U8 => Ok(DType::U8),
+        safetensors::Dtype::U32 => Ok(DType::U32),
+        safetensors::Dtype::I64 => Ok(DType::I64),
+        _ => stored_dtype(file, tensor, dtype),
     }
 }
 

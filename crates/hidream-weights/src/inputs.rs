@@ -84,7 +84,8 @@ pub fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<(
         .map_err(|source| WeightsError::Safetensors { file: path.to_owned(), source })
 }
 
-/// Reads every tensor of one safetensors file onto `device`, each in the dtype it is stored in.
+/// Reads every tensor of one safetensors file onto `device`, each in the dtype it is stored in
+/// (floats, and the integer dtypes u8, u32 and i64 of token ids and pixels).
 /// A malformed file is a typed error, as for [`Checkpoint::open`].
 pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
     let file = Checkpoint::open_file(path)?;
@@ -123,6 +124,9 @@ impl HostTensor {
             DType::F16 => flat.to_vec1::<half::f16>().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             DType::BF16 => flat.to_vec1::<half::bf16>().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             DType::F64 => flat.to_vec1::<f64>().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::U8 => flat.to_vec1::<u8>(),
+            DType::U32 => flat.to_vec1::<u32>().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            DType::I64 => flat.to_vec1::<i64>().map(|v| v.iter().flat_map(|x| x.to_le_bytes()).collect()),
             other => {
                 let dtype = other.into();
                 return Err(WeightsError::UnsupportedDtype { file: file.to_owned(), tensor: name.to_owned(), dtype });

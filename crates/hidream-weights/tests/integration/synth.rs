@@ -234,7 +234,18 @@ fn tensor_files_round_trip_exactly() {
         assert_eq!((read[name].dtype(), read[name].dims()), (tensor.dtype(), tensor.dims()), "{name}");
         assert_eq!(values(&read[name]), values(tensor), "{name}");
     }
-    let ids = HashMap::from([("ids".to_owned(), Tensor::new(&[1u32, 2], &Device::Cpu).unwrap())]);
-    let err = hidream_weights::write_tensors(&dir.path().join("ids.safetensors"), &ids).unwrap_err();
+    // Integer tensors (token ids, pixels) round-trip as stored; weights stay floats only.
+    let ids = HashMap::from([
+        ("ids".to_owned(), Tensor::new(&[1u32, 2], &Device::Cpu).unwrap()),
+        ("tokens".to_owned(), Tensor::new(&[-1i64, 7], &Device::Cpu).unwrap()),
+        ("pixels".to_owned(), Tensor::new(&[0u8, 255], &Device::Cpu).unwrap()),
+    ]);
+    let ids_path = dir.path().join("ids.safetensors");
+    hidream_weights::write_tensors(&ids_path, &ids).unwrap();
+    let read = hidream_weights::read_tensors(&ids_path, &Device::Cpu).unwrap();
+    assert_eq!(read["ids"].to_vec1::<u32>().unwrap(), vec![1, 2]);
+    assert_eq!(read["tokens"].to_vec1::<i64>().unwrap(), vec![-1, 7]);
+    assert_eq!(read["pixels"].to_vec1::<u8>().unwrap(), vec![0, 255]);
+    let err = Checkpoint::open(&ids_path).unwrap().load("ids", DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(err, WeightsError::UnsupportedDtype { ref tensor, .. } if tensor == "ids"), "{err:?}");
 }

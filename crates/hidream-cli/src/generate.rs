@@ -1,0 +1,189 @@
+//! `hidream generate`: text to image with the whole HiDream-I1 pipeline, under a memory budget.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Tensor};
+use hidream_config::Variant;
+use hidream_memory::CountingAllocator;
+use hidream_pipeline::generate::{Event, GenerateRequest, GenerateSettings, ModelFolder, generate};
+use hidream_pipeline::vae::DecodeOptions;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::residency::{ResidencyArgs, write_json};
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// A HiDream-I1 folder in the Hugging Face layout (transformer/, vae/, text_encoder*/,
+    /// tokenizer*/, scheduler/), or a repo id such as HiDream-ai/HiDream-I1-Dev in the local Hub cache.
+    #[arg(long)]
+    model: String,
+    /// A Llama-3.1-8B-Instruct folder (transformers layout), or a repo id in the local Hub cache.
+    #[arg(long)]
+    llama: String,
+    #[arg(long)]
+    prompt: String,
+    /// Used when guidance is on; defaults to "".
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    #[arg(long, default_value = "dev")]
+    variant: Variant,
+    /// Requested WIDTHxHEIGHT in pixels; HiDream rescales it to about 1024² in area (a notice says so).
+    #[arg(long, value_parser = parse_size)]
+    size: Option<(usize, usize)>,
+    /// Denoising steps (default: Full 50, Dev 28, Fast 16).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Classifier-free guidance scale (default: Full 5.0, Dev and Fast 0 = off).
+    #[arg(long)]
+    guidance: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Compute dtype of every stage.
+    #[arg(long, default_value = "bf16")]
+    dtype: hidream_config::DType,
+    /// Decode the VAE in overlapping tiles (less memory; blended seams).
+    #[arg(long)]
+    vae_tiling: bool,
+    #[arg(long, default_value = "image.png")]
+    out: PathBuf,
+    /// Initial noise under `latents`, shaped [1, 16, H/8, W/8] (to reproduce a Python run).
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// The flash sampler's per-step noise under `noise`, shaped [steps, 1, 16, H/8, W/8].
+    #[arg(long)]
+    step_noise: Option<PathBuf>,
+    /// Save the final latents (before the VAE) under `latents`.
+    #[arg(long)]
+    output_latents: Option<PathBuf>,
+    /// diffusers' `default_sample_size` (the generated area is about (this × 8)²).
+    #[arg(long, default_value_t = 128, hide = true)]
+    default_sample_size: usize,
+    #[command(flatten)]
+    residency: ResidencyArgs,
+}
+
+pub fn run(args: &GenerateArgs) -> Result<()> {
+    if args.out.extension().is_none_or(|ext| !ext.eq_ignore_ascii_case("png")) {
+        bail!("--out must be a .png file, got {}", args.out.display());
+    }
+    let device = Device::Cpu;
+    let folder = ModelFolder::resolve(&args.model, &args.llama)?;
+    folder.validate()?;
+    let cfg = hidream_weights::Checkpoint::open(&folder.transformer())?.config()?;
+    let request = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        variant: args.variant,
+        size: args.size,
+        steps: args.steps,
+        guidance: args.guidance,
+        seed: args.seed,
+        latents: read_tensor(args.latents.as_deref(), "latents")?,
+        step_noise: read_tensor(args.step_noise.as_deref(), "noise")?,
+    };
+    let settings = GenerateSettings {
+        transformer: args.residency.runner_config(&cfg, args.dtype)?,
+        text_dtype: args.dtype,
+        // candle has no bf16 or f16 convolution on the CPU: the VAE decodes in f32 there.
+        vae_dtype: if device.is_cpu() { hidream_config::DType::F32 } else { args.dtype },
+        vae: DecodeOptions {
+            tiling: args.vae_tiling.then(|| hidream_pipeline::vae::VaeConfig::flux().default_tiling()),
+            slicing: false,
+        },
+        default_sample_size: args.default_sample_size,
+    };
+
+    let mut stages = Vec::new();
+    let mut progress: Option<ProgressBar> = None;
+    let mut observe = |event: Event| match event {
+        Event::Notice(message) => eprintln!("note: {message}"),
+        Event::StageStarted(stage) => {
+            CountingAllocator::reset_peak();
+            let bar = ProgressBar::new_spinner().with_message(stage.as_str().to_owned());
+            bar.enable_steady_tick(Duration::from_millis(120));
+            progress = Some(bar);
+        }
+        Event::StepStarted { step_idx: 0, n_steps } => {
+            if let Some(bar) = progress.take() {
+                bar.finish_and_clear();
+            }
+            let bar = ProgressBar::new(n_steps as u64).with_style(
+                ProgressStyle::with_template("denoising [{bar:30}] {pos}/{len} steps, {elapsed}, eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            progress = Some(bar);
+        }
+        Event::StepFinished { .. } => {
+            if let Some(bar) = &progress {
+                bar.inc(1);
+            }
+        }
+        Event::StageFinished(stage, seconds) => {
+            if let Some(bar) = progress.take() {
+                bar.finish_and_clear();
+            }
+            let peak = CountingAllocator::peak_bytes();
+            eprintln!("{}: {seconds:.2} s, peak {}", stage.as_str(), hidream_memory::format_bytes(peak));
+            stages.push(json!({ "stage": stage.as_str(), "seconds": seconds, "peak_device_bytes": peak }));
+        }
+        Event::StepStarted { .. } => {}
+    };
+    let generated = generate(&folder, &request, &settings, &device, &mut observe)?;
+
+    write_png(&args.out, &generated.pixels)?;
+    if let Some(path) = &args.output_latents {
+        hidream_weights::write_tensors(path, &HashMap::from([("latents".to_owned(), generated.latents.clone())]))?;
+    }
+    let (width, height) = generated.size;
+    println!(
+        "{width}x{height} image -> {} ({} steps, guidance {}, {})",
+        args.out.display(),
+        generated.steps,
+        generated.guidance,
+        generated.plan
+    );
+    if let Some(path) = &args.residency.report {
+        let report = json!({
+            "variant": args.variant.as_str(),
+            "size": [width, height],
+            "steps": generated.steps,
+            "guidance": generated.guidance,
+            "dtype": args.dtype.as_str(),
+            "transformer_plan": generated.plan,
+            "stages": stages,
+        });
+        write_json(path, &report)?;
+    }
+    Ok(())
+}
+
+fn parse_size(text: &str) -> Result<(usize, usize), String> {
+    text.split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+        .filter(|(w, h): &(usize, usize)| *w > 0 && *h > 0)
+        .ok_or_else(|| format!("expected WIDTHxHEIGHT in pixels, like 1024x1024; got `{text}`"))
+}
+
+fn read_tensor(path: Option<&Path>, key: &str) -> Result<Option<Tensor>> {
+    let Some(path) = path else { return Ok(None) };
+    let mut tensors = hidream_weights::read_tensors(path, &Device::Cpu)?;
+    let tensor = tensors.remove(key).with_context(|| format!("{} has no tensor `{key}`", path.display()))?;
+    Ok(Some(tensor.to_dtype(DType::F32)?))
+}
+
+/// Writes the first image of u8 `[B, H, W, 3]` pixels as a PNG, through a temporary file renamed
+/// into place, so that no half-written image is ever left behind.
+fn write_png(path: &Path, pixels: &Tensor) -> Result<()> {
+    let (_, height, width, _) = pixels.dims4()?;
+    let data: Vec<u8> = pixels.get(0)?.flatten_all()?.to_vec1()?;
+    let image = image::RgbImage::from_raw(width as u32, height as u32, data).context("pixel buffer size")?;
+    let partial = path.with_extension(format!("png.partial-{}", std::process::id()));
+    image
+        .save_with_format(&partial, image::ImageFormat::Png)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    std::fs::rename(&partial, path).with_context(|| format!("moving the image into {}", path.display()))
+}

@@ -1,0 +1,415 @@
+//! Text to image, in the order diffusers' `HiDreamImagePipeline` runs it, one stage at a time.
+//!
+//! 1. **Size**: the requested size is rescaled to about `default_sample_size · vae_scale_factor`
+//!    squared in area, in multiples of `2 · vae_scale_factor`, as diffusers does (silently there;
+//!    here a [`Event::Notice`] says so).
+//! 2. **Text**: CLIP-L, CLIP-G, T5 and Llama, each loaded, used and freed in turn; with guidance
+//!    the negative prompt (default `""`) is encoded too and batched first, as `[uncond, cond]`.
+//! 3. **Latents**: the caller's initial noise, or seeded standard normal noise.
+//! 4. **Denoising**: the variant's official sampler; `noise_pred = -transformer(..)`, then
+//!    `uncond + g · (cond − uncond)`; both halves go through each block per load. The transformer
+//!    runs under the caller's memory policy with the per-prompt precomputation.
+//! 5. **VAE**: `latents / scaling_factor + shift_factor`, decoded (tiled or sliced if asked),
+//!    then diffusers' postprocessing to u8 pixels.
+//!
+//! The stages run in sequence and each frees what it loaded before the next starts, so the peak is
+//! that of the largest stage, not the sum.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use hidream_config::{TransformerConfig, Variant};
+use hidream_weights::Checkpoint;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand_distr::{Distribution, StandardNormal};
+
+use crate::runner::{RunnerConfig, TransformerRunner, candle_dtype};
+use crate::schedulers::{PipelineShift, Scheduler, SchedulerConfig};
+use crate::text::{TextEncoderPaths, encode_prompts};
+use crate::vae::{DecodeOptions, VaeConfig, VaeDecoder, postprocess};
+use crate::{PipelineError, Result};
+
+/// A HiDream-I1 model folder in the Hugging Face layout, plus the Llama folder it needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelFolder {
+    pub root: PathBuf,
+    pub llama: PathBuf,
+}
+
+/// Files a complete model folder has, relative to its root (weights are checked separately).
+const REQUIRED_CONFIGS: [&str; 5] = [
+    "transformer/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+    "text_encoder_2/config.json",
+    "text_encoder_3/config.json",
+];
+const REQUIRED_TOKENIZERS: [&str; 3] =
+    ["tokenizer/tokenizer.json", "tokenizer_2/tokenizer.json", "tokenizer_3/tokenizer.json"];
+const WEIGHT_FOLDERS: [&str; 5] = ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"];
+
+impl ModelFolder {
+    /// `model` is a local folder or a Hugging Face repo id (`HiDream-ai/HiDream-I1-Dev`) found in
+    /// the local Hub cache (`$HF_HOME`, offline); `llama` likewise.
+    pub fn resolve(model: &str, llama: &str) -> Result<Self> {
+        Ok(Self { root: resolve_folder(model, "model_index.json")?, llama: resolve_folder(llama, "config.json")? })
+    }
+
+    /// Checks that every file the stages need is present, before any long work starts.
+    pub fn validate(&self) -> Result<()> {
+        let hint = |what: &str| {
+            format!(
+                "the model folder {} is incomplete ({what}); download the whole repository, e.g. \
+                 `huggingface-cli download HiDream-ai/HiDream-I1-Dev --local-dir {}`",
+                self.root.display(),
+                self.root.display()
+            )
+        };
+        for file in REQUIRED_CONFIGS.iter().chain(&REQUIRED_TOKENIZERS) {
+            let path = self.root.join(file);
+            if !path.is_file() {
+                return Err(PipelineError::MissingFile { path, hint: hint(file) });
+            }
+        }
+        for folder in WEIGHT_FOLDERS {
+            let dir = self.root.join(folder);
+            if !has_safetensors(&dir) {
+                return Err(PipelineError::MissingFile { path: dir, hint: hint("no *.safetensors weights") });
+            }
+        }
+        for file in ["config.json", "tokenizer.json"] {
+            let path = self.llama.join(file);
+            if !path.is_file() {
+                let hint = format!(
+                    "--llama must be a Llama-3.1-8B-Instruct folder in the transformers layout, e.g. \
+                     `huggingface-cli download meta-llama/Llama-3.1-8B-Instruct --local-dir {}`",
+                    self.llama.display()
+                );
+                return Err(PipelineError::MissingFile { path, hint });
+            }
+        }
+        if !has_safetensors(&self.llama) {
+            return Err(PipelineError::MissingFile {
+                path: self.llama.join("model.safetensors.index.json"),
+                hint: "the Llama folder has no *.safetensors weights".into(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn transformer(&self) -> PathBuf {
+        self.root.join("transformer")
+    }
+
+    pub fn vae(&self) -> PathBuf {
+        self.root.join("vae")
+    }
+
+    pub fn text_encoders(&self) -> TextEncoderPaths {
+        TextEncoderPaths::hub_layout(&self.root, &self.llama)
+    }
+}
+
+fn has_safetensors(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|entries| {
+        entries.filter_map(std::result::Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+    })
+}
+
+/// A local folder, or the snapshot folder of a repo id in the local Hub cache.
+fn resolve_folder(name: &str, marker: &str) -> Result<PathBuf> {
+    let path = PathBuf::from(name);
+    if path.is_dir() {
+        return Ok(path);
+    }
+    let looks_like_repo = name.split('/').count() == 2 && !name.starts_with('.') && !name.starts_with('/');
+    if looks_like_repo {
+        let cache = hf_hub::Cache::from_env();
+        if let Some(file) = cache.model(name.to_owned()).get(marker)
+            && let Some(snapshot) = file.parent()
+        {
+            return Ok(snapshot.to_owned());
+        }
+        return Err(PipelineError::MissingFile {
+            path: cache.path().join(format!("models--{}", name.replace('/', "--"))),
+            hint: format!(
+                "`{name}` is not in the local Hugging Face cache and this build does not download; \
+                 run `huggingface-cli download {name}` (or pass a local folder)"
+            ),
+        });
+    }
+    Err(PipelineError::MissingFile { path, hint: "no such folder".into() })
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    /// `None` means `""` when guidance is on (diffusers' default).
+    pub negative_prompt: Option<String>,
+    pub variant: Variant,
+    /// Requested `(width, height)` in pixels; `None` is the default size (1024×1024).
+    pub size: Option<(usize, usize)>,
+    /// `None` is the variant's default (Full 50, Dev 28, Fast 16).
+    pub steps: Option<usize>,
+    /// `None` is the variant's default (Full 5.0, Dev and Fast 0).
+    pub guidance: Option<f64>,
+    /// Seeds the initial latents and the flash sampler's noise when they are not given.
+    pub seed: u64,
+    /// Initial noise `[1, 16, H/8, W/8]` (reproduction runs).
+    pub latents: Option<Tensor>,
+    /// The flash sampler's per-step noise `[steps, 1, 16, H/8, W/8]` (reproduction runs).
+    pub step_noise: Option<Tensor>,
+}
+
+/// How to run it.
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateSettings {
+    pub transformer: RunnerConfig,
+    /// The text encoders' compute dtype.
+    pub text_dtype: hidream_config::DType,
+    pub vae_dtype: hidream_config::DType,
+    pub vae: DecodeOptions,
+    /// diffusers' `pipe.default_sample_size` (128; tests use less).
+    pub default_sample_size: usize,
+}
+
+/// The stages, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Text,
+    Denoise,
+    Vae,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Text => "text encoders",
+            Stage::Denoise => "denoising",
+            Stage::Vae => "vae decode",
+        }
+    }
+}
+
+/// What [`generate`] tells its observer.
+#[derive(Debug, Clone)]
+pub enum Event<'a> {
+    Notice(String),
+    StageStarted(Stage),
+    StageFinished(Stage, f64),
+    StepStarted {
+        step_idx: usize,
+        n_steps: usize,
+    },
+    /// `latents` are the sampler's output of this step.
+    StepFinished {
+        step_idx: usize,
+        n_steps: usize,
+        seconds: f64,
+        latents: &'a Tensor,
+    },
+}
+
+/// The result.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    /// The decoded images `[1, 3, H, W]` in [-1, 1].
+    pub images: Tensor,
+    /// u8 `[1, H, W, 3]`.
+    pub pixels: Tensor,
+    /// The final latents before the VAE, f32 `[1, 16, H/8, W/8]`.
+    pub latents: Tensor,
+    /// `(width, height)` in pixels after rescaling.
+    pub size: (usize, usize),
+    pub steps: usize,
+    pub guidance: f64,
+    /// The transformer's residency plan, as a sentence.
+    pub plan: String,
+}
+
+/// diffusers' rescaling of a requested `(width, height)`: about `(default_sample_size ·
+/// vae_scale_factor)²` pixels in area, each side a multiple of `2 · vae_scale_factor`.
+pub fn pipeline_size(
+    requested: Option<(usize, usize)>,
+    vae_scale_factor: usize,
+    default_sample_size: usize,
+) -> (usize, usize) {
+    let default_side = default_sample_size * vae_scale_factor;
+    let (width, height) = requested.unwrap_or((default_side, default_side));
+    let division = (vae_scale_factor * 2) as f64;
+    let s_max = (default_side * default_side) as f64;
+    let scale = (s_max / (width * height) as f64).sqrt();
+    let side = |x: usize| ((x as f64 * scale / division).floor() * division) as usize;
+    (side(width), side(height))
+}
+
+/// Runs the whole pipeline.
+pub fn generate(
+    folder: &ModelFolder,
+    request: &GenerateRequest,
+    settings: &GenerateSettings,
+    device: &Device,
+    observe: &mut dyn FnMut(Event<'_>),
+) -> Result<Generated> {
+    folder.validate()?;
+    let defaults = request.variant.defaults();
+    let steps = request.steps.unwrap_or(defaults.steps);
+    let guidance = request.guidance.unwrap_or(defaults.guidance_scale);
+    let cfg_on = guidance > 1.0;
+    let transformer_checkpoint = Checkpoint::open(&folder.transformer())?;
+    let transformer_cfg: TransformerConfig = transformer_checkpoint.config()?;
+    let vae_config = VaeConfig::read(&folder.vae().join("config.json"))?;
+
+    // 1. Size.
+    let vae_scale_factor = vae_config.upscale();
+    let (width, height) = pipeline_size(request.size, vae_scale_factor, settings.default_sample_size);
+    if let Some(requested) = request.size
+        && requested != (width, height)
+    {
+        observe(Event::Notice(format!(
+            "size {}x{} rescaled to {width}x{height} (HiDream generates about {side}x{side} pixels in area, \
+             in multiples of {}; diffusers does this silently)",
+            requested.0,
+            requested.1,
+            vae_scale_factor * 2,
+            side = settings.default_sample_size * vae_scale_factor,
+        )));
+    }
+    let latent_shape = (1, transformer_cfg.in_channels, height / vae_scale_factor, width / vae_scale_factor);
+
+    // 2. Text.
+    observe(Event::StageStarted(Stage::Text));
+    let started = Instant::now();
+    let negative = request.negative_prompt.clone().unwrap_or_default();
+    let prompts: Vec<&str> =
+        if cfg_on { vec![negative.as_str(), request.prompt.as_str()] } else { vec![&request.prompt] };
+    let text_dtype = candle_dtype(settings.text_dtype);
+    let embeds = encode_prompts(&folder.text_encoders(), &prompts, text_dtype, device)?;
+    observe(Event::StageFinished(Stage::Text, started.elapsed().as_secs_f64()));
+
+    // 3. Latents.
+    let latents = match &request.latents {
+        Some(latents) => {
+            check_shape("--latents", latents, &[latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3])?;
+            latents.to_dtype(DType::F32)?.to_device(device)?
+        }
+        None => {
+            standard_normal(&[latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3], request.seed, device)?
+        }
+    };
+
+    // 4. Denoising.
+    observe(Event::StageStarted(Stage::Denoise));
+    let started = Instant::now();
+    let scheduler_config = SchedulerConfig::for_variant(request.variant);
+    let mut scheduler = Scheduler::new(scheduler_config, PipelineShift::for_transformer(&transformer_cfg)?)?;
+    let timesteps: Vec<f32> = scheduler.set_timesteps(steps)?.timesteps().to_vec();
+    if let Some(noise) = &request.step_noise {
+        check_shape("--step-noise", noise, &[steps, latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3])?;
+    }
+    let mut runner = TransformerRunner::new(transformer_checkpoint, device, settings.transformer)?;
+    let plan = runner.plan().to_string();
+    let batch = if cfg_on { 2 } else { 1 };
+    let step_timesteps =
+        timesteps.iter().map(|&t| Tensor::full(t, batch, device)).collect::<candle_core::Result<Vec<_>>>()?;
+    let prepared = if settings.transformer.precompute.is_per_prompt() {
+        Some(runner.prepare(&embeds.t5, &embeds.llama, &embeds.pooled, &step_timesteps)?)
+    } else {
+        None
+    };
+    let mut latents = latents;
+    let mut noise_rng = StdRng::seed_from_u64(request.seed.wrapping_add(1));
+    for (step_idx, step_timestep) in step_timesteps.iter().enumerate() {
+        observe(Event::StepStarted { step_idx, n_steps: steps });
+        let step_started = Instant::now();
+        let noise_pred = if scheduler.uses_model_output(step_idx) {
+            let input = if cfg_on { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+            let output = match &prepared {
+                Some(prepared) => runner.forward_prepared(prepared, step_idx, &input)?,
+                None => runner.forward(&hidream_model::TransformerInputs {
+                    hidden_states: input,
+                    timesteps: step_timestep.clone(),
+                    encoder_hidden_states_t5: embeds.t5.clone(),
+                    encoder_hidden_states_llama3: embeds.llama.clone(),
+                    pooled_embeds: embeds.pooled.clone(),
+                })?,
+            };
+            let noise_pred = output.to_dtype(DType::F32)?.neg()?;
+            if cfg_on {
+                let uncond = noise_pred.narrow(0, 0, 1)?;
+                let cond = noise_pred.narrow(0, 1, 1)?;
+                (&uncond + ((&cond - &uncond)? * guidance)?)?
+            } else {
+                noise_pred
+            }
+        } else {
+            // The flash sampler's last step returns its input: the transformer call is skipped.
+            latents.zeros_like()?
+        };
+        let noise = if scheduler.needs_noise(step_idx) {
+            Some(match &request.step_noise {
+                Some(noise) => noise.get(step_idx)?.to_dtype(DType::F32)?.to_device(device)?,
+                None => standard_normal_from(latents.dims(), &mut noise_rng, device)?,
+            })
+        } else {
+            None
+        };
+        latents = scheduler.step(&noise_pred, step_idx, &latents, noise.as_ref())?;
+        let seconds = step_started.elapsed().as_secs_f64();
+        observe(Event::StepFinished { step_idx, n_steps: steps, seconds, latents: &latents });
+    }
+    drop(prepared);
+    drop(runner);
+    observe(Event::StageFinished(Stage::Denoise, started.elapsed().as_secs_f64()));
+
+    // 5. VAE.
+    observe(Event::StageStarted(Stage::Vae));
+    let started = Instant::now();
+    let vae = VaeDecoder::load(&folder.vae(), candle_dtype(settings.vae_dtype), device)?;
+    let images = vae.decode(&latents, &settings.vae)?;
+    let pixels = postprocess(&images)?;
+    observe(Event::StageFinished(Stage::Vae, started.elapsed().as_secs_f64()));
+    Ok(Generated { images, pixels, latents, size: (width, height), steps, guidance, plan })
+}
+
+fn check_shape(what: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {
+    if tensor.dims() == expected {
+        Ok(())
+    } else {
+        Err(PipelineError::invalid(
+            what,
+            format!("has shape {:?}, but this size and model need {expected:?}", tensor.dims()),
+        ))
+    }
+}
+
+fn standard_normal(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
+    standard_normal_from(shape, &mut StdRng::seed_from_u64(seed), device)
+}
+
+fn standard_normal_from(shape: &[usize], rng: &mut StdRng, device: &Device) -> Result<Tensor> {
+    let count: usize = shape.iter().product();
+    let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(values, shape, device)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// diffusers' arithmetic: 1024² stays; 512² and 2048² become 1024²; 1920×1080 keeps its
+    /// aspect within multiples of 16.
+    #[test]
+    fn sizes_rescale_like_diffusers() {
+        assert_eq!(pipeline_size(None, 8, 128), (1024, 1024));
+        assert_eq!(pipeline_size(Some((1024, 1024)), 8, 128), (1024, 1024));
+        assert_eq!(pipeline_size(Some((512, 512)), 8, 128), (1024, 1024));
+        assert_eq!(pipeline_size(Some((2048, 2048)), 8, 128), (1024, 1024));
+        // scale = sqrt(1024² / (1920·1080)) = 0.7111..; 1920·s = 1365.3 -> 1360; 1080·s = 768.0 -> 768
+        // (the values Python's `int(w * scale // 16 * 16)` gives).
+        assert_eq!(pipeline_size(Some((1920, 1080)), 8, 128), (1360, 768));
+    }
+}
