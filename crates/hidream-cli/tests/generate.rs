@@ -28,6 +28,9 @@ fn generates_a_png_through_every_stage() {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).unwrap()).unwrap();
     let prompt = meta["prompt"].as_str().unwrap();
+    let requested = format!("{}x{}", meta["requested_size"]["width"], meta["requested_size"]["height"]);
+    let default_sample_size = meta["default_sample_size"].to_string();
+    let steps = meta["steps"].to_string();
     // The initial noise under the key `generate --latents` reads.
     let initial = hidream_weights::read_tensors(&case.join("latents.safetensors"), &candle_core::Device::Cpu).unwrap();
     let latents_in = dir.path().join("initial.safetensors");
@@ -44,13 +47,13 @@ fn generates_a_png_through_every_stage() {
         "--variant",
         "dev",
         "--steps",
-        "3",
+        &steps,
         "--dtype",
         "f32",
         "--default-sample-size",
-        "8",
+        &default_sample_size,
         "--size",
-        "64x64",
+        &requested,
         "--latents",
         path(&latents_in),
         "--step-noise",
@@ -67,7 +70,9 @@ fn generates_a_png_through_every_stage() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     let image = image::open(&out).unwrap().to_rgb8();
-    assert_eq!(image.dimensions(), (64, 64));
+    let size = |key: &str| meta["size"][key].as_u64().unwrap() as u32;
+    assert_eq!(image.dimensions(), (size("width"), size("height")));
+    assert!(stderr.contains("rescaled to"), "the size notice is printed: {stderr}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(stages, ["text encoders", "denoising", "vae decode"]);

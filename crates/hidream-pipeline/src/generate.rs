@@ -27,7 +27,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::runner::{RunnerConfig, TransformerRunner, candle_dtype};
 use crate::schedulers::{PipelineShift, Scheduler, SchedulerConfig};
-use crate::text::{TextEncoderPaths, encode_prompts};
+use crate::text::{TextEncoderPaths, encode_prompts_under};
 use crate::vae::{DecodeOptions, VaeConfig, VaeDecoder, postprocess};
 use crate::{PipelineError, Result};
 
@@ -287,7 +287,8 @@ pub fn generate(
     let prompts: Vec<&str> =
         if cfg_on { vec![negative.as_str(), request.prompt.as_str()] } else { vec![&request.prompt] };
     let text_dtype = candle_dtype(settings.text_dtype);
-    let embeds = encode_prompts(&folder.text_encoders(), &prompts, text_dtype, device)?;
+    let embeds =
+        encode_prompts_under(&folder.text_encoders(), &prompts, text_dtype, device, settings.transformer.policy)?;
     observe(Event::StageFinished(Stage::Text, started.elapsed().as_secs_f64()));
 
     // 3. Latents.

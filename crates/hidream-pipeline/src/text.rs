@@ -20,6 +20,7 @@
 
 pub mod clip;
 pub mod llama;
+pub mod streamed;
 pub mod t5;
 mod tokenize;
 
@@ -81,18 +82,31 @@ pub struct PromptEmbeds {
 }
 
 /// Encodes `prompts` with the four encoders in turn, each loaded, used and freed before the next
-/// (CLIP-L, CLIP-G, T5, Llama: diffusers' offload order), all in `dtype` on `device`.
+/// (CLIP-L, CLIP-G, T5, Llama: diffusers' offload order), all in `dtype` on `device`, with every
+/// layer resident.
 pub fn encode_prompts(
     paths: &TextEncoderPaths,
     prompts: &[&str],
     dtype: DType,
     device: &Device,
 ) -> Result<PromptEmbeds> {
+    encode_prompts_under(paths, prompts, dtype, device, hidream_memory::Policy::All)
+}
+
+/// [`encode_prompts`] with Llama-8B's layers placed by `llama_policy` (streamed through the
+/// memory scheduler under a budget); the result is bit-identical whatever the policy.
+pub fn encode_prompts_under(
+    paths: &TextEncoderPaths,
+    prompts: &[&str],
+    dtype: DType,
+    device: &Device,
+    llama_policy: hidream_memory::Policy,
+) -> Result<PromptEmbeds> {
     let clip_l = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, dtype, device)?.encode(prompts)?;
     let clip_g = ClipTextEncoder::load(&paths.clip_g, &paths.clip_g_tokenizer, dtype, device)?.encode(prompts)?;
     let pooled = Tensor::cat(&[clip_l, clip_g], 1)?;
     let t5 = T5TextEncoder::load(&paths.t5, &paths.t5_tokenizer, dtype, device)?.encode(prompts)?;
-    let llama = LlamaTextEncoder::load(&paths.llama, dtype, device)?.encode(prompts)?;
+    let llama = streamed::encode_llama_streamed(&paths.llama, prompts, llama_policy, dtype, device)?.hidden_states;
     Ok(PromptEmbeds { pooled, t5, llama })
 }
 

@@ -225,3 +225,35 @@ fn bf16_drifts_no_more_than_diffusers() -> Result<()> {
     }
     Ok(())
 }
+
+/// Llama's layers streamed through the memory scheduler, under every policy down to the smallest
+/// budget, give the all-resident hidden states bit for bit, and the pool never exceeds the budget.
+#[test]
+fn llama_streamed_under_any_policy_is_bit_identical() -> Result<()> {
+    use hidream_memory::{Plan, Policy};
+    use hidream_pipeline::text::streamed::{encode_llama_streamed, layer_specs};
+    let golden = Golden::load()?;
+    let prompts = golden.prompts();
+    let llama_dir = paths().llama;
+    let resident = LlamaTextEncoder::load(&llama_dir, DType::F32, &Device::Cpu)?.encode(&prompts)?;
+    let bits = |t: &candle_core::Tensor| -> Result<Vec<u32>> {
+        Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
+    };
+    let stem = LlamaStem::load(&llama_dir, DType::F32, &Device::Cpu)?;
+    let specs = layer_specs(&stem, DType::F32);
+    let minimum = Plan::minimum_budget(&specs, 1);
+    for policy in [
+        Policy::All,
+        Policy::Sequential,
+        Policy::Stream { prefetch: 2 },
+        Policy::Budget { budget_bytes: minimum, prefetch: 1 },
+        Policy::Budget { budget_bytes: minimum + specs[0].bytes, prefetch: 1 },
+    ] {
+        let streamed = encode_llama_streamed(&llama_dir, &prompts, policy, DType::F32, &Device::Cpu)?;
+        assert!(bits(&streamed.hidden_states)? == bits(&resident)?, "{policy}: differs from the resident encoder");
+        if let Policy::Budget { budget_bytes, .. } = policy {
+            assert!(streamed.peak_weight_bytes <= budget_bytes, "{policy}: over budget");
+        }
+    }
+    Ok(())
+}
