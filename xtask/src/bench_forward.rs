@@ -67,7 +67,8 @@ pub fn run(args: &Args) -> Result<()> {
         util::run(
             util::command(&hidream)
                 .env("RAYON_NUM_THREADS", &threads)
-                .args(["forward", "--dtype", "f32", "--repeat", &repeat, "--model"])
+                // Caption projections and modulation inside the forward, as diffusers runs it.
+                .args(["forward", "--dtype", "f32", "--no-precompute", "--repeat", &repeat, "--model"])
                 .arg(&model)
                 .arg("--inputs")
                 .arg(&inputs)
@@ -76,7 +77,7 @@ pub fn run(args: &Args) -> Result<()> {
                 .arg("--report")
                 .arg(&rust_report),
         )?;
-        rust_seconds.extend(seconds(&rust_report)?);
+        rust_seconds.extend(seconds(&rust_report, "step_seconds")?);
         let torch_report = dir.join(format!("torch_{round}.json"));
         util::run(
             util::command(&python)
@@ -90,7 +91,7 @@ pub fn run(args: &Args) -> Result<()> {
                 .arg("--rust-sample")
                 .arg(&rust_sample),
         )?;
-        torch_seconds.extend(seconds(&torch_report)?);
+        torch_seconds.extend(seconds(&torch_report, "seconds")?);
         max_diff = read_json(&torch_report)?["max_abs_diff_vs_rust"].as_f64().unwrap_or(f64::NAN);
     }
     let rust = median(&rust_seconds);
@@ -114,9 +115,9 @@ fn read_json(path: &std::path::Path) -> Result<Value> {
     Ok(serde_json::from_str(&text)?)
 }
 
-fn seconds(path: &std::path::Path) -> Result<Vec<f64>> {
+fn seconds(path: &std::path::Path, key: &str) -> Result<Vec<f64>> {
     let report = read_json(path)?;
-    let values = report["seconds"].as_array().with_context(|| format!("{} has no seconds", path.display()))?;
+    let values = report[key].as_array().with_context(|| format!("{} has no {key}", path.display()))?;
     Ok(values.iter().filter_map(Value::as_f64).collect())
 }
 

@@ -4,11 +4,13 @@
 //! - `layering` proves the crate DAG of `docs/architecture.md` with `cargo tree`.
 //! - `demo` synthesises the `small` model and runs a forward (the README's first command).
 //! - `bench-forward` times the Rust forward against diffusers on the same weights, side by side.
+//! - `bench-memory` runs `hidream denoise` under every memory policy: the memory report and gate.
 //!
 //! xtask keeps few dependencies: it drives `cargo` and the `hidream` binary as processes.
 #![forbid(unsafe_code)]
 
 mod bench_forward;
+mod bench_memory;
 mod layering;
 mod util;
 
@@ -32,6 +34,9 @@ enum Command {
     Demo,
     /// Time the f32 `small` forward in Rust and in diffusers on the same weights, side by side.
     BenchForward(bench_forward::Args),
+    /// Run `hidream denoise` under every memory policy; report, and gate the byte figures against
+    /// bench/memory-baseline.toml.
+    BenchMemory(bench_memory::Args),
 }
 
 fn main() -> Result<()> {
@@ -40,6 +45,7 @@ fn main() -> Result<()> {
         Command::Layering => layering::check(),
         Command::Demo => demo(),
         Command::BenchForward(args) => bench_forward::run(&args),
+        Command::BenchMemory(args) => bench_memory::run(&args),
     }
 }
 

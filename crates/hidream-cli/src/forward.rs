@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 use hidream_model::TransformerInputs;
-use hidream_pipeline::runner::TransformerRunner;
+use hidream_pipeline::Precompute;
 use hidream_weights::Checkpoint;
 
 use crate::residency::{HeapProbe, ResidencyArgs, report, write_json};
@@ -48,6 +48,21 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let (mut runner, config) = args.residency.open_runner(Checkpoint::open(&args.model)?, args.dtype)?;
     let loaded = started.elapsed().as_secs_f64();
 
+    // With the per-prompt precomputation, the prompt's work is done once, outside the timings.
+    let prepare_started = Instant::now();
+    let prepared = match runner.runner_config().precompute {
+        Precompute::PerPrompt => {
+            inputs.validate(runner.config())?;
+            Some(runner.prepare(
+                &inputs.encoder_hidden_states_t5,
+                &inputs.encoder_hidden_states_llama3,
+                &inputs.pooled_embeds,
+                std::slice::from_ref(&inputs.timesteps),
+            )?)
+        }
+        Precompute::PerStep => None,
+    };
+    let prepare_seconds = prepare_started.elapsed().as_secs_f64();
     let warm_up = usize::from(args.repeat > 1);
     let mut probe = HeapProbe::default();
     let mut seconds = Vec::with_capacity(args.repeat + warm_up);
@@ -55,7 +70,10 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     for _ in 0..args.repeat + warm_up {
         probe.start();
         let forward_started = Instant::now();
-        sample = Some(forward(&mut runner, &inputs)?);
+        sample = Some(match &prepared {
+            Some(prepared) => runner.forward_prepared(prepared, 0, &inputs.hidden_states)?,
+            None => runner.forward(&inputs)?,
+        });
         seconds.push(forward_started.elapsed().as_secs_f64());
         probe.stop();
     }
@@ -74,27 +92,12 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     if let Some(path) = &args.residency.report {
         let mut value = report(&runner, &config, &probe, &seconds);
         value["load_seconds"] = loaded.into();
+        value["prepare_seconds"] = prepare_seconds.into();
         value["median_seconds"] = median.into();
         value["shape"] = dims.into();
         write_json(path, &value)?;
     }
     Ok(())
-}
-
-/// One forward: prepared once per call when the runner precomputes per prompt.
-fn forward(runner: &mut TransformerRunner, inputs: &TransformerInputs) -> Result<Tensor> {
-    if runner.runner_config().precompute.is_per_prompt() {
-        inputs.validate(runner.config())?;
-        let prepared = runner.prepare(
-            &inputs.encoder_hidden_states_t5,
-            &inputs.encoder_hidden_states_llama3,
-            &inputs.pooled_embeds,
-            std::slice::from_ref(&inputs.timesteps),
-        )?;
-        Ok(runner.forward_prepared(&prepared, 0, &inputs.hidden_states)?)
-    } else {
-        Ok(runner.forward(inputs)?)
-    }
 }
 
 /// Reads the five forward inputs, as f32, naming any that is missing.
