@@ -14,6 +14,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     ("hidream-weights", &["hidream-model", "hidream-memory"], "I/O only: knows no layers or budgets"),
     ("hidream-model", &["hidream-weights", "hidream-memory"], "knows nothing of mmap, threads or budgets"),
+    ("hidream-pipeline", &["hidream-cli", "clap", "indicatif"], "a library: knows no command line"),
 ];
 
 pub fn check() -> Result<()> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use hidream_model::TransformerInputs;
 use hidream_pipeline::Precompute;
 use hidream_weights::Checkpoint;
@@ -34,10 +34,6 @@ pub struct ForwardArgs {
     #[command(flatten)]
     residency: ResidencyArgs,
 }
-
-/// The input names, in diffusers' forward order.
-pub const INPUT_NAMES: [&str; 5] =
-    ["hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds"];
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
     if args.repeat == 0 {
@@ -103,19 +99,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
 /// Reads the five forward inputs, as f32, naming any that is missing.
 pub fn read_inputs(path: &Path, device: &Device) -> Result<TransformerInputs> {
     let mut tensors = hidream_weights::read_tensors(path, device)?;
-    let mut take = |name: &str| -> Result<Tensor> {
-        let Some(tensor) = tensors.remove(name) else {
-            bail!("{} has no tensor `{name}`; a forward needs {}", path.display(), INPUT_NAMES.join(", "));
-        };
-        tensor.to_dtype(DType::F32).with_context(|| format!("converting `{name}` to f32"))
-    };
-    Ok(TransformerInputs {
-        hidden_states: take(INPUT_NAMES[0])?,
-        timesteps: take(INPUT_NAMES[1])?,
-        encoder_hidden_states_t5: take(INPUT_NAMES[2])?,
-        encoder_hidden_states_llama3: take(INPUT_NAMES[3])?,
-        pooled_embeds: take(INPUT_NAMES[4])?,
-    })
+    TransformerInputs::from_tensors(&mut tensors, "").with_context(|| format!("reading {}", path.display()))
 }
 
 pub fn median(values: &[f64]) -> f64 {

@@ -10,6 +10,11 @@ pub enum ModelError {
     /// An input tensor does not have the shape the config implies.
     #[error("input `{name}` has shape {actual:?}, expected {expected}")]
     InputShape { name: &'static str, expected: String, actual: Vec<usize> },
+    /// A forward input is missing.
+    #[error(
+        "no input `{name}`; a forward needs hidden_states, timesteps, encoder_hidden_states_t5, encoder_hidden_states_llama3 and pooled_embeds"
+    )]
+    MissingInput { name: &'static str },
     /// The latent is larger than the model's `max_resolution` allows.
     #[error("latent {height}x{width} has {patches} patches, more than max_seq = {max_seq} of this model")]
     LatentTooLarge { height: usize, width: usize, patches: usize, max_seq: usize },

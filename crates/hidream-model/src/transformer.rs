@@ -1,5 +1,7 @@
 //! `HiDreamImageTransformer2DModel`: patchify, embed, run the blocks, project out, unpatchify.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use hidream_config::TransformerConfig;
@@ -27,6 +29,26 @@ pub struct TransformerInputs {
 }
 
 impl TransformerInputs {
+    /// The argument names of diffusers' forward, in order.
+    pub const NAMES: [&'static str; 5] =
+        ["hidden_states", "timesteps", "encoder_hidden_states_t5", "encoder_hidden_states_llama3", "pooled_embeds"];
+
+    /// Takes the five inputs out of `tensors`, under `prefix` + their diffusers names, converted
+    /// to f32; a missing one is a typed error naming it.
+    pub fn from_tensors(tensors: &mut HashMap<String, Tensor>, prefix: &str) -> Result<Self> {
+        let mut take = |name: &'static str| -> Result<Tensor> {
+            let tensor = tensors.remove(&format!("{prefix}{name}")).ok_or(ModelError::MissingInput { name })?;
+            Ok(tensor.to_dtype(DType::F32)?)
+        };
+        Ok(Self {
+            hidden_states: take(Self::NAMES[0])?,
+            timesteps: take(Self::NAMES[1])?,
+            encoder_hidden_states_t5: take(Self::NAMES[2])?,
+            encoder_hidden_states_llama3: take(Self::NAMES[3])?,
+            pooled_embeds: take(Self::NAMES[4])?,
+        })
+    }
+
     /// Checks every input shape against `cfg`, naming the first input that is wrong.
     pub fn validate(&self, cfg: &TransformerConfig) -> Result<()> {
         fn check(name: &'static str, tensor: &Tensor, expected: &[Option<usize>]) -> Result<()> {

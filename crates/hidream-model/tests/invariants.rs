@@ -20,14 +20,7 @@ fn tiny_checkpoint(dir: &std::path::Path) -> Result<(TransformerConfig, Checkpoi
 fn inputs(cfg: &TransformerConfig, batch: usize, height: usize, width: usize, seed: u64) -> Result<TransformerInputs> {
     let spec = InputSpec { batch, height, width, t5_tokens: 5, llama_tokens: 7, seed };
     let mut tensors: HashMap<String, Tensor> = hidream_weights::synthetic_inputs(cfg, &spec)?;
-    let mut take = |name: &str| tensors.remove(name).ok_or_else(|| anyhow::anyhow!("no {name}"));
-    Ok(TransformerInputs {
-        hidden_states: take("hidden_states")?,
-        timesteps: take("timesteps")?,
-        encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
-        encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
-        pooled_embeds: take("pooled_embeds")?,
-    })
+    Ok(TransformerInputs::from_tensors(&mut tensors, "")?)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {

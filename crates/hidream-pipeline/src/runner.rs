@@ -32,7 +32,7 @@ use hidream_model::{
 use hidream_weights::Checkpoint;
 
 pub use loader::{CheckpointLoader, LoadedUnit};
-use provider::{StreamingUnits, UnitSources};
+use provider::StreamingUnits;
 
 use crate::units::{Precompute, UnitTable};
 use crate::{PipelineError, Result};
@@ -172,14 +172,7 @@ impl TransformerRunner {
         inputs.validate(&self.cfg)?;
         self.ensure_prefetcher()?;
         let dtype = self.transformer.dtype();
-        let mut units = StreamingUnits {
-            sources: UnitSources {
-                table: self.loader.table(),
-                resident: &self.resident,
-                prefetcher: self.prefetcher.as_mut(),
-            },
-            error: None,
-        };
+        let mut units = StreamingUnits::new(self.loader.table(), &self.resident, self.prefetcher.as_mut());
         let mut projected = Vec::with_capacity(self.cfg.n_blocks() + 1);
         for idx in 0..=self.cfg.n_blocks() {
             let input =
@@ -263,14 +256,7 @@ impl TransformerRunner {
             ));
         };
         self.ensure_prefetcher()?;
-        let mut units = StreamingUnits {
-            sources: UnitSources {
-                table: self.loader.table(),
-                resident: &self.resident,
-                prefetcher: self.prefetcher.as_mut(),
-            },
-            error: None,
-        };
+        let mut units = StreamingUnits::new(self.loader.table(), &self.resident, self.prefetcher.as_mut());
         let step = StepInputs {
             hidden_states,
             timesteps,

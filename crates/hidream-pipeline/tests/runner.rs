@@ -28,14 +28,7 @@ fn fixture() -> Result<Fixture> {
     hidream_weights::write_synthetic(dir.path(), &cfg, &options)?;
     let spec = InputSpec { batch: 2, height: 8, width: 12, t5_tokens: 5, llama_tokens: 7, seed: 2 };
     let mut tensors: HashMap<String, Tensor> = hidream_weights::synthetic_inputs(&cfg, &spec)?;
-    let mut take = |name: &str| tensors.remove(name).ok_or_else(|| anyhow::anyhow!("no {name}"));
-    let inputs = TransformerInputs {
-        hidden_states: take("hidden_states")?,
-        timesteps: take("timesteps")?,
-        encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
-        encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
-        pooled_embeds: take("pooled_embeds")?,
-    };
+    let inputs = TransformerInputs::from_tensors(&mut tensors, "")?;
     Ok(Fixture { checkpoint: Checkpoint::open(dir.path())?, _dir: dir, cfg, inputs })
 }
 

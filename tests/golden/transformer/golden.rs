@@ -53,14 +53,7 @@ fn check(case: &str, dtype: DType, tolerance: Tolerance) -> Result<()> {
 
     let device = Device::Cpu;
     let mut inputs = hidream_weights::read_tensors(&case_dir.join("inputs.safetensors"), &device)?;
-    let mut take = |name: &str| inputs.remove(name).with_context(|| format!("{case}: no input {name}"));
-    let inputs = TransformerInputs {
-        hidden_states: take("hidden_states")?,
-        timesteps: take("timesteps")?,
-        encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
-        encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
-        pooled_embeds: take("pooled_embeds")?,
-    };
+    let inputs = TransformerInputs::from_tensors(&mut inputs, "").with_context(|| format!("{case}: inputs"))?;
     let mut expected = hidream_weights::read_tensors(&case_dir.join("expected.safetensors"), &device)?;
     let reference_bf16 = expected.remove("sample_bf16").ok_or_else(|| anyhow!("{case}: no sample_bf16"))?;
     let expected = expected.remove("sample").ok_or_else(|| anyhow!("{case}: no expected sample"))?;
@@ -150,16 +143,8 @@ fn rust_synthetic_checkpoint_loads_in_diffusers() -> Result<()> {
     let case_dir = golden_dir().join("cases/rust_synth");
     let mut tensors = hidream_weights::read_tensors(&case_dir.join("diffusers_check.safetensors"), &Device::Cpu)?;
     for prefix in ["", "nonsquare."] {
-        let mut take =
-            |name: &str| tensors.remove(&format!("{prefix}{name}")).with_context(|| format!("no {prefix}{name}"));
-        let inputs = TransformerInputs {
-            hidden_states: take("hidden_states")?,
-            timesteps: take("timesteps")?,
-            encoder_hidden_states_t5: take("encoder_hidden_states_t5")?,
-            encoder_hidden_states_llama3: take("encoder_hidden_states_llama3")?,
-            pooled_embeds: take("pooled_embeds")?,
-        };
-        let expected = take("sample")?;
+        let inputs = TransformerInputs::from_tensors(&mut tensors, prefix)?;
+        let expected = tensors.remove(&format!("{prefix}sample")).with_context(|| format!("no {prefix}sample"))?;
         let actual = model.forward(&inputs)?;
         let bound = F32_TOLERANCE * max_abs(&expected)?.max(1.0);
         compare(&format!("rust_synth {prefix}sample"), &actual, &expected, bound)?;

@@ -17,6 +17,16 @@ pub(super) struct StreamingUnits<'a> {
     pub error: Option<PipelineError>,
 }
 
+impl<'a> StreamingUnits<'a> {
+    pub fn new(
+        table: &'a UnitTable,
+        resident: &'a [Option<LoadedUnit>],
+        prefetcher: Option<&'a mut Prefetcher<CheckpointLoader>>,
+    ) -> Self {
+        StreamingUnits { sources: UnitSources { table, resident, prefetcher }, error: None }
+    }
+}
+
 /// Where units come from: resident ones by reference, streamed ones from the prefetcher, in the
 /// table's order.
 pub(super) struct UnitSources<'a> {
