@@ -308,13 +308,8 @@ impl Checkpoint {
         let bytes = shard.map.bytes().get(entry.range.clone()).ok_or_else(|| {
             candle_error(candle_core::Error::Msg(format!("byte range {:?} is outside the file", entry.range)))
         })?;
-        let target = dtype.unwrap_or(stored);
-        let tensor = match widen_to_f32(bytes, stored, target) {
-            // One pass from the mapped bytes into the f32 buffer the tensor keeps.
-            Some(values) => Tensor::from_vec(values, entry.shape.as_slice(), &Device::Cpu),
-            None => Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu).and_then(|t| t.to_dtype(target)),
-        }
-        .map_err(candle_error)?;
+        let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu).map_err(candle_error)?;
+        let tensor = tensor.to_dtype(dtype.unwrap_or(stored)).map_err(candle_error)?;
         tensor.to_device(device).map_err(candle_error)
     }
 }
@@ -337,20 +332,6 @@ pub(crate) fn stored_dtype(file: &Path, tensor: &str, dtype: safetensors::Dtype)
         safetensors::Dtype::BF16 => Ok(DType::BF16),
         safetensors::Dtype::F64 => Ok(DType::F64),
         _ => Err(WeightsError::UnsupportedDtype { file: file.to_owned(), tensor: tensor.to_owned(), dtype }),
-    }
-}
-
-/// Half-precision bytes widened straight to f32 (exact, as `to_dtype` does), saving the
-/// intermediate half-precision tensor; `None` for any other conversion.
-fn widen_to_f32(bytes: &[u8], stored: DType, target: DType) -> Option<Vec<f32>> {
-    if target != DType::F32 {
-        return None;
-    }
-    let pairs = bytes.chunks_exact(2).map(|pair| [pair[0], pair[1]]);
-    match stored {
-        DType::BF16 => Some(pairs.map(|pair| half::bf16::from_le_bytes(pair).to_f32()).collect()),
-        DType::F16 => Some(pairs.map(|pair| half::f16::from_le_bytes(pair).to_f32()).collect()),
-        _ => None,
     }
 }
 
