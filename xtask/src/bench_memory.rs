@@ -272,7 +272,8 @@ fn build_hidream(profile: Profile) -> Result<PathBuf> {
         Profile::Release => util::build_hidream(),
         Profile::Dev => {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            util::run(util::command(cargo).args(["build", "-p", "hidream-cli"]))?;
+            // The feature set of `cargo test --workspace`, so that CI reuses the build of its tests.
+            util::run(util::command(cargo).args(["build", "--workspace", "--all-targets"]))?;
             Ok(util::root().join("target/debug/hidream"))
         }
     }

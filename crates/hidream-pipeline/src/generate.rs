@@ -67,10 +67,22 @@ impl ModelFolder {
                 self.root.display()
             )
         };
-        for file in REQUIRED_CONFIGS.iter().chain(&REQUIRED_TOKENIZERS) {
+        for file in REQUIRED_CONFIGS {
             let path = self.root.join(file);
             if !path.is_file() {
                 return Err(PipelineError::MissingFile { path, hint: hint(file) });
+            }
+        }
+        for file in REQUIRED_TOKENIZERS {
+            let path = self.root.join(file);
+            if !path.is_file() {
+                let dir = path.parent().unwrap_or(&self.root).display().to_string();
+                let hint = format!(
+                    "the text stack reads fast tokenizers (`tokenizer.json`); if the folder has only the slow \
+                     tokenizer files, write it once with transformers: \
+                     `AutoTokenizer.from_pretrained(\"{dir}\").save_pretrained(\"{dir}\")`"
+                );
+                return Err(PipelineError::MissingFile { path, hint });
             }
         }
         for folder in WEIGHT_FOLDERS {
