@@ -302,6 +302,12 @@ impl TransformerConfig {
         self.caption_channels[1]
     }
 
+    /// The input width of caption projection `idx`: the Llama width for the one of each block,
+    /// the T5 width for the last (`caption_channels` is `[t5, llama]`, projections run the other way).
+    pub fn caption_input_channels(&self, idx: usize) -> usize {
+        if idx < self.n_blocks() { self.llama_channels() } else { self.t5_channels() }
+    }
+
     /// Hidden width of a routed expert (and of the dense text feed-forward): diffusers'
     /// `HiDreamImageFeedForwardSwiGLU(dim, 4 * dim)`.
     pub fn expert_hidden_dim(&self) -> usize {

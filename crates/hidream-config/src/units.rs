@@ -228,8 +228,8 @@ impl SpecBuilder<'_> {
 
     fn caption(&self, idx: usize) -> Vec<TensorSpec> {
         let config = self.config;
-        let in_dim = if idx < config.n_blocks() { config.llama_channels() } else { config.t5_channels() };
         let mut out = Vec::new();
+        let in_dim = config.caption_input_channels(idx);
         self.linear(&mut out, &format!("caption_projection.{idx}.linear"), in_dim, config.inner_dim(), false);
         out
     }

@@ -17,15 +17,6 @@ pub struct AttentionConfig {
     pub query_chunk: Option<usize>,
 }
 
-impl AttentionConfig {
-    /// Bytes of the largest score matrix one attention call holds, for `batch`, `heads` and
-    /// `n_tokens` at `dtype_bytes` per element.
-    pub fn score_bytes(&self, batch: usize, heads: usize, n_tokens: usize, dtype_bytes: usize) -> u64 {
-        let rows = self.query_chunk.map_or(n_tokens, |chunk| chunk.min(n_tokens));
-        (batch * heads * rows * n_tokens * dtype_bytes) as u64
-    }
-}
-
 /// What every attention call of one forward shares: the RoPE table, the key mask and the config.
 #[derive(Debug, Clone)]
 pub struct AttentionContext {

@@ -29,5 +29,5 @@ pub use moe::{FeedForwardSwiGlu, MoeFeedForward, MoeGate};
 pub use provider::{BlockProvider, BlockRef, ResidentBlocks};
 pub use transformer::{
     CaptionProjection, Embedders, HiDreamModel, HiDreamTransformer, Patchified, StepInputs, TextProjection, TextTokens,
-    TransformerInputs, caption_input, caption_input_dim, patchify,
+    TransformerInputs, caption_input, patchify,
 };

@@ -135,7 +135,8 @@ pub struct TextProjection {
 }
 
 impl TextProjection {
-    /// `vb` points at `caption_projection.{idx}`; `in_dim` is [`caption_input_dim`].
+    /// `vb` points at `caption_projection.{idx}`; `in_dim` is
+    /// `TransformerConfig::caption_input_channels(idx)`.
     pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> candle_core::Result<Self> {
         Ok(Self { linear: Linear::no_bias(in_dim, dim, vb.pp("linear"))? })
     }
@@ -144,11 +145,6 @@ impl TextProjection {
     pub fn forward(&self, states: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
         self.linear.forward(&states.to_dtype(dtype)?)
     }
-}
-
-/// The input width of caption projection `idx`: Llama for one per block, then T5.
-pub fn caption_input_dim(cfg: &TransformerConfig, idx: usize) -> usize {
-    if idx < cfg.n_blocks() { cfg.llama_channels() } else { cfg.t5_channels() }
 }
 
 /// The input of caption projection `idx`: the Llama state `llama_layers[idx]` names (`[B, S, C]`),
@@ -194,7 +190,7 @@ impl CaptionProjection {
     pub fn new(cfg: &TransformerConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
         let vb = vb.pp("caption_projection");
         let projections = (0..=cfg.n_blocks())
-            .map(|idx| TextProjection::new(caption_input_dim(cfg, idx), cfg.inner_dim(), vb.pp(idx)))
+            .map(|idx| TextProjection::new(cfg.caption_input_channels(idx), cfg.inner_dim(), vb.pp(idx)))
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { projections })
     }

@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{TransformerConfig, Unit};
 use hidream_memory::UnitLoader;
-use hidream_model::{
-    BlockModulation, DoubleStreamBlock, Embedders, SingleStreamBlock, TextProjection, caption_input_dim,
-};
+use hidream_model::{BlockModulation, DoubleStreamBlock, Embedders, SingleStreamBlock, TextProjection};
 use hidream_weights::Checkpoint;
 
 use crate::units::{UnitTable, modulation_prefix};
@@ -51,7 +49,7 @@ impl CheckpointLoader {
         Ok(match unit {
             Unit::Embedders => LoadedUnit::Embedders(Embedders::new(cfg, &vb)?),
             Unit::CaptionProjection(idx) => LoadedUnit::Caption(TextProjection::new(
-                caption_input_dim(cfg, idx),
+                cfg.caption_input_channels(idx),
                 cfg.inner_dim(),
                 vb.pp("caption_projection").pp(idx),
             )?),
