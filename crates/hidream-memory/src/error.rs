@@ -1,5 +1,6 @@
-//! The error types of hidream-memory: [`MemoryError`] for the pool, the planner and the size
-//! parser, and [`ScheduleError`], generic over the loader's own error, for the prefetch scheduler.
+//! The error types of hidream-memory: [`MemoryError`] for the ledger, the planner and the size
+//! parser; [`ResidencyError`] for the runtime; and [`ScheduleError`], which adds the loader's own
+//! error to it.
 
 use crate::bytes::format_bytes;
 
@@ -7,7 +8,7 @@ use crate::bytes::format_bytes;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum MemoryError {
-    /// A reservation would take the device pool over its budget.
+    /// A reservation would take the budget ledger over its budget.
     #[error(
         "cannot reserve {} for {label}: {} of the {} budget is in use",
         exact(*requested),
@@ -15,9 +16,9 @@ pub enum MemoryError {
         exact(*budget)
     )]
     OverBudget { label: String, requested: u64, current: u64, budget: u64 },
-    /// The pool was closed while a caller waited for room in it.
-    #[error("the device pool is closed")]
-    PoolClosed,
+    /// The ledger was closed while a caller waited for room in it.
+    #[error("the budget ledger is closed")]
+    LedgerClosed,
     /// No residency plan fits the budget.
     #[error("{}", budget_too_small(*budget, *minimum, *prefetch_depth, *minimum_sequential))]
     BudgetTooSmall {
@@ -44,9 +45,6 @@ pub enum MemoryError {
     /// A streamed unit that does not fit in a slot.
     #[error("unit {unit_idx} needs {} but a slot holds only {}", exact(*unit_bytes), exact(*slot_bytes))]
     UnitLargerThanSlot { unit_idx: usize, unit_bytes: u64, slot_bytes: u64 },
-    /// A slot pool whose size does not match the prefetch depth (depth + 1 slots).
-    #[error("prefetch depth {prefetch_depth} needs {} slots, the slot pool has {n_slots}", prefetch_depth + 1)]
-    SlotCount { n_slots: usize, prefetch_depth: usize },
     /// A prefetcher was asked to stream an empty list of units.
     #[error("nothing to stream: the plan keeps every unit resident")]
     NothingToStream,
@@ -55,13 +53,30 @@ pub enum MemoryError {
     Spawn(#[source] std::io::Error),
 }
 
-/// Everything that can go wrong while the prefetcher hands out units.
+/// Everything that can go wrong while the runtime hands out units, apart from the loader's own
+/// errors: see [`ScheduleError`].
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ScheduleError<E: std::error::Error + 'static> {
-    /// The loader failed on this unit. The prefetcher stops: later calls return [`Self::Stopped`].
-    #[error("cannot load unit {unit_idx}: {source}")]
-    Load { unit_idx: usize, source: E },
+pub enum ResidencyError {
+    /// Reserving the resident units or the slots failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A loader filled a different number of bytes than the unit's spec, which the plan used.
+    #[error(
+        "unit {unit_idx} loaded {} but its size was planned as {}: the loader and the size model disagree",
+        exact(*loaded),
+        exact(*planned)
+    )]
+    SizeMismatch { unit_idx: usize, planned: u64, loaded: u64 },
+    /// A pass asked for a streamed unit out of the plan's order.
+    #[error("unit {requested} was asked for, but the next streamed unit of the pass is {expected}")]
+    OutOfOrder { requested: usize, expected: usize },
+    /// A pass asked for a unit that the plan neither keeps resident nor streams.
+    #[error("unit {unit_idx} is not part of the plan ({n_units} units)")]
+    NotInPlan { unit_idx: usize, n_units: usize },
+    /// A pass asked for more streamed units than a pass has.
+    #[error("the pass already delivered all {pass_len} streamed units")]
+    PassComplete { pass_len: usize },
     /// The caller holds every slot, so no further unit can load: drop a unit before asking for the next.
     #[error("all {n_slots} slots are held by the caller: drop a unit before asking for the next one")]
     AllSlotsHeld { n_slots: usize },
@@ -71,6 +86,43 @@ pub enum ScheduleError<E: std::error::Error + 'static> {
     /// The loader panicked on the worker thread.
     #[error("the prefetch worker panicked: {message}")]
     WorkerPanicked { message: String },
+}
+
+/// Everything that can go wrong while the runtime loads and hands out units: the loader's own
+/// error `E`, or a [`ResidencyError`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScheduleError<E: std::error::Error + 'static> {
+    /// The loader failed on this unit. A prefetcher stops: later calls return
+    /// [`ResidencyError::Stopped`] until the runtime starts a fresh pass.
+    #[error("cannot load unit {unit_idx}: {source}")]
+    Load { unit_idx: usize, source: E },
+    /// The loader could not allocate a buffer.
+    #[error("cannot allocate {} for {what}: {source}", exact(*bytes))]
+    Allocate { what: String, bytes: u64, source: E },
+    /// Anything else.
+    #[error(transparent)]
+    Residency(#[from] ResidencyError),
+}
+
+impl<E: std::error::Error + 'static> From<MemoryError> for ScheduleError<E> {
+    fn from(error: MemoryError) -> Self {
+        ScheduleError::Residency(ResidencyError::Memory(error))
+    }
+}
+
+impl<E: std::error::Error + 'static> ScheduleError<E> {
+    /// The loader's error as it was, or the runtime's converted into the caller's error type:
+    /// the one mapping every user of the runtime needs (`E` derives `From<ResidencyError>`).
+    pub fn into_error(self) -> E
+    where
+        E: From<ResidencyError>,
+    {
+        match self {
+            ScheduleError::Load { source, .. } | ScheduleError::Allocate { source, .. } => source,
+            ScheduleError::Residency(error) => error.into(),
+        }
+    }
 }
 
 /// `1.50 GiB (1610612736 bytes)`: human units with the exact figure.

@@ -1,27 +1,45 @@
 //! Generic device-memory management for a model that runs its weight units in a fixed cycle.
 //!
-//! - [`DevicePool`] accounts every byte of unit weights on the device tier against a budget,
-//!   with current and peak figures; [`SlotPool`] reserves reusable slots for streamed units once.
 //! - [`Plan`] decides which units stay resident and which stream, or says exactly how much budget
 //!   is missing ([`MemoryError::BudgetTooSmall`]). [`Policy`] names the choices.
-//! - [`Prefetcher`] hands out the streamed units in order, pass after pass, loading the next ones
-//!   on a worker thread while the current one computes, through the narrow [`UnitLoader`] trait.
-//! - [`CountingAllocator`] counts heap bytes, the device tier of a CPU-only run.
+//! - [`Residency`] is the runtime every streamed model uses: it loads the plan's resident units
+//!   once and streams the others pass after pass through [`Pass`]es. Its [`Prefetcher`] loads
+//!   the next streamed units on a worker thread, into the reusable buffers of a [`SlotPool`],
+//!   while the current one computes.
+//! - [`UnitLoader`] is the narrow interface to whoever moves the bytes: it allocates device
+//!   buffers, loads a unit *into* one, and orders copies and compute with ready and consumed
+//!   fences (trivial on the CPU, events on CUDA). See [`loader`](UnitLoader) for the protocol.
+//! - [`BudgetLedger`] accounts every byte of unit weights on the device tier against a budget,
+//!   with current and peak figures: the planned bytes, reserved before each buffer is allocated.
+//! - [`CountingAllocator`] counts heap bytes: on a CPU-only run, the measured peak.
 //!
 //! This crate knows no HiDream types, no candle and no files: a unit is a size and an index, and
 //! loading one is the business of whoever implements [`UnitLoader`].
 //!
 //! ```
 //! use std::sync::Arc;
-//! use hidream_memory::{DevicePool, Plan, Prefetcher, UnitLoader, UnitSpec};
+//! use hidream_memory::{BudgetLedger, Plan, Ready, Residency, SlotBuffer, UnitLoader, UnitSpec};
 //!
+//! /// Blocks of `bytes` each, whose byte `i` is the block index; the unit is its first byte.
 //! struct Blocks;
 //! impl UnitLoader for Blocks {
-//!     type Unit = Vec<f32>;
+//!     type Buffer = Vec<u8>;
+//!     type Unit = u8;
+//!     type Fence = ();
 //!     type Error = std::io::Error;
-//!     fn load(&self, unit_idx: usize) -> Result<Vec<f32>, std::io::Error> {
-//!         Ok(vec![unit_idx as f32; 256])
+//!     fn allocate(&self, bytes: u64) -> Result<Vec<u8>, std::io::Error> {
+//!         Ok(vec![0; bytes as usize])
 //!     }
+//!     fn load_into(&self, unit_idx: usize, slot: &mut SlotBuffer<Vec<u8>, ()>) -> Result<Ready<u8, ()>, std::io::Error> {
+//!         let (buffer, _consumed) = slot.reuse(); // On the CPU the consumed fence is complete.
+//!         let bytes = if unit_idx == 0 { 100 } else { 1024 };
+//!         buffer[..bytes].fill(unit_idx as u8);
+//!         Ok(Ready { unit: buffer[0], ready: (), bytes_loaded: bytes as u64 })
+//!     }
+//!     fn wait_ready(&self, _ready: &()) -> Result<(), std::io::Error> {
+//!         Ok(())
+//!     }
+//!     fn record_consumed(&self) {}
 //! }
 //!
 //! // Unit 0 must stay resident; four 1 KiB blocks run every step.
@@ -30,17 +48,17 @@
 //! assert_eq!(plan.resident(), [0, 1]); // Block 1 also fits beside two slots of 1 KiB.
 //! assert_eq!(plan.streamed(), [2, 3, 4]);
 //!
-//! let pool = Arc::new(DevicePool::new(Some(3200)));
-//! let _resident: Vec<_> =
-//!     plan.resident().iter().map(|&idx| pool.try_reserve(units[idx].bytes, "resident unit")).collect::<Result<_, _>>()?;
-//! let mut prefetcher = Prefetcher::from_plan(Arc::new(Blocks), &units, &plan, &pool)?;
+//! let ledger = Arc::new(BudgetLedger::new(Some(3200)));
+//! let mut residency = Residency::new(Arc::new(Blocks), &units, plan, Arc::clone(&ledger))?;
+//! residency.expect_passes(2); // Load ahead across the step boundary, and no further.
 //! for _step in 0..2 {
-//!     for &unit_idx in plan.streamed() {
-//!         let block = prefetcher.next()?;
-//!         assert_eq!((block.unit_idx(), block[0]), (unit_idx, unit_idx as f32));
+//!     let mut pass = residency.pass()?;
+//!     for unit_idx in 0..units.len() {
+//!         assert_eq!(*pass.unit(unit_idx)?, unit_idx as u8);
 //!     }
 //! }
-//! assert_eq!(pool.peak_bytes(), plan.peak_weight_bytes());
+//! assert_eq!(residency.stats().units_loaded, 6); // 3 streamed units, 2 passes, nothing wasted.
+//! assert_eq!(ledger.peak_bytes(), 100 + 1024 + 2 * 1024);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 #![deny(unsafe_code)]
@@ -49,13 +67,19 @@
 mod alloc;
 mod bytes;
 mod error;
+mod ledger;
+mod loader;
 mod plan;
-mod pool;
+mod residency;
 mod schedule;
+mod slots;
 
 pub use alloc::CountingAllocator;
 pub use bytes::{Budget, format_bytes, parse_bytes};
-pub use error::{MemoryError, ScheduleError};
+pub use error::{MemoryError, ResidencyError, ScheduleError};
+pub use ledger::{BudgetLedger, Reservation};
+pub use loader::{Ready, SlotBuffer, UnitLoader};
 pub use plan::{DEFAULT_PREFETCH_DEPTH, Plan, Policy, PolicyKind, UnitSpec};
-pub use pool::{DevicePool, Reservation, Slot, SlotPool};
-pub use schedule::{Loaded, PrefetchStats, Prefetcher, UnitLoader};
+pub use residency::{Pass, Residency, UnitRef};
+pub use schedule::{Loaded, PrefetchStats, Prefetcher};
+pub use slots::SlotPool;

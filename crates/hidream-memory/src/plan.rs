@@ -53,6 +53,11 @@ pub struct Plan {
     slot_bytes: u64,
     n_slots: usize,
     prefetch_depth: usize,
+    /// The depth asked for, when more than the streamed units allow.
+    requested_prefetch_depth: Option<usize>,
+    /// Room kept beside the resident units for work outside the passes, which uses it while the
+    /// slots are free.
+    scratch_bytes: u64,
     resident_bytes: u64,
     streamed_bytes_per_pass: u64,
 }
@@ -60,7 +65,7 @@ pub struct Plan {
 impl Plan {
     /// Every unit resident, nothing streamed.
     pub fn all(units: &[UnitSpec]) -> Plan {
-        Plan::from_resident(units, &vec![true; units.len()], 0)
+        Plan::from_resident(units, &vec![true; units.len()], 0, 0)
     }
 
     /// Nothing resident but the `always_resident` units; one slot: load, run, free, no overlap.
@@ -68,10 +73,11 @@ impl Plan {
         Plan::stream(units, 0)
     }
 
-    /// Nothing resident but the `always_resident` units; `prefetch_depth + 1` slots.
+    /// Nothing resident but the `always_resident` units; `prefetch_depth + 1` slots, or one slot
+    /// per streamed unit when the depth asks for more (see [`Plan::requested_prefetch_depth`]).
     pub fn stream(units: &[UnitSpec], prefetch_depth: usize) -> Plan {
         let resident: Vec<bool> = units.iter().map(|unit| unit.always_resident).collect();
-        Plan::from_resident(units, &resident, prefetch_depth)
+        Plan::from_resident(units, &resident, prefetch_depth, 0)
     }
 
     /// The plan that streams the fewest bytes per pass within `budget_bytes` of weights.
@@ -80,12 +86,27 @@ impl Plan {
     /// `prefetch_depth + 1` slots. Fails with [`MemoryError::BudgetTooSmall`], which gives the
     /// exact [`Plan::minimum_budget`], when no plan fits.
     pub fn budget(units: &[UnitSpec], budget_bytes: u64, prefetch_depth: usize) -> Result<Plan, MemoryError> {
-        if total_bytes(units) <= budget_bytes {
-            return Ok(Plan::from_resident(units, &vec![true; units.len()], prefetch_depth));
+        Plan::budget_with_scratch(units, budget_bytes, prefetch_depth, 0)
+    }
+
+    /// [`Plan::budget`], keeping at least `scratch_bytes` beside the resident units for work that
+    /// runs outside the passes, while the slots are free (such as a per-prompt precomputation that
+    /// loads its own layers). The slots and the scratch share that room: the plan needs the larger
+    /// of the two.
+    pub fn budget_with_scratch(
+        units: &[UnitSpec],
+        budget_bytes: u64,
+        prefetch_depth: usize,
+        scratch_bytes: u64,
+    ) -> Result<Plan, MemoryError> {
+        let requested_depth = prefetch_depth;
+        let prefetch_depth = prefetch_depth.min(streamable_count(units).saturating_sub(1));
+        if total_bytes(units).saturating_add(scratch_bytes) <= budget_bytes {
+            return Ok(Plan::from_resident(units, &vec![true; units.len()], prefetch_depth, scratch_bytes));
         }
         let mut best: Option<Plan> = None;
         for candidate in SlotCandidates::new(units).iter() {
-            let base = candidate.base_bytes(units, prefetch_depth);
+            let base = candidate.base_bytes(units, prefetch_depth, scratch_bytes);
             if base > budget_bytes {
                 continue;
             }
@@ -97,7 +118,7 @@ impl Plan {
             for (&unit_idx, chosen) in candidate.rest.iter().zip(fill::fill(&sizes, budget_bytes - base)) {
                 resident[unit_idx] |= chosen;
             }
-            let plan = Plan::from_resident(units, &resident, prefetch_depth);
+            let plan = Plan::from_resident(units, &resident, requested_depth, scratch_bytes);
             let key = |plan: &Plan| (plan.streamed_bytes_per_pass, plan.peak_weight_bytes());
             if best.as_ref().is_none_or(|best| key(&plan) < key(best)) {
                 best = Some(plan);
@@ -105,18 +126,31 @@ impl Plan {
         }
         best.ok_or_else(|| MemoryError::BudgetTooSmall {
             budget: budget_bytes,
-            minimum: Plan::minimum_budget(units, prefetch_depth),
+            minimum: Plan::minimum_budget_with_scratch(units, prefetch_depth, scratch_bytes),
             prefetch_depth,
-            minimum_sequential: Plan::minimum_budget(units, 0),
+            minimum_sequential: Plan::minimum_budget_with_scratch(units, 0, scratch_bytes),
         })
+    }
+
+    /// The same placement, keeping `scratch_bytes` of room beside the resident units for work
+    /// outside the passes (which [`Plan::peak_weight_bytes`] then counts).
+    pub fn with_scratch(mut self, scratch_bytes: u64) -> Plan {
+        self.scratch_bytes = scratch_bytes;
+        self
     }
 
     /// The smallest budget for which [`Plan::budget`] succeeds: one byte less fails.
     pub fn minimum_budget(units: &[UnitSpec], prefetch_depth: usize) -> u64 {
+        Plan::minimum_budget_with_scratch(units, prefetch_depth, 0)
+    }
+
+    /// The smallest budget for which [`Plan::budget_with_scratch`] succeeds.
+    pub fn minimum_budget_with_scratch(units: &[UnitSpec], prefetch_depth: usize, scratch_bytes: u64) -> u64 {
+        let prefetch_depth = prefetch_depth.min(streamable_count(units).saturating_sub(1));
         SlotCandidates::new(units)
             .iter()
-            .map(|candidate| candidate.base_bytes(units, prefetch_depth))
-            .fold(total_bytes(units), u64::min)
+            .map(|candidate| candidate.base_bytes(units, prefetch_depth, scratch_bytes))
+            .fold(total_bytes(units).saturating_add(scratch_bytes), u64::min)
     }
 
     /// Resident unit indices, ascending.
@@ -149,6 +183,18 @@ impl Plan {
         self.prefetch_depth
     }
 
+    /// The prefetch depth that was asked for, when it was more than the plan uses: a pass of `n`
+    /// streamed units has at most `n - 1` units to load ahead, and a deeper prefetch would load
+    /// copies of units already in a slot.
+    pub fn requested_prefetch_depth(&self) -> Option<usize> {
+        self.requested_prefetch_depth
+    }
+
+    /// The room kept beside the resident units for work outside the passes.
+    pub fn scratch_bytes(&self) -> u64 {
+        self.scratch_bytes
+    }
+
     /// Bytes of the resident units.
     pub fn resident_bytes(&self) -> u64 {
         self.resident_bytes
@@ -159,25 +205,32 @@ impl Plan {
         self.streamed_bytes_per_pass
     }
 
-    /// The most weight bytes on the device at once: the resident units plus every slot.
+    /// The most weight bytes on the device at once: the resident units plus every slot, or the
+    /// scratch room where that is larger.
     pub fn peak_weight_bytes(&self) -> u64 {
-        self.resident_bytes.saturating_add(slots_bytes(self.n_slots, self.slot_bytes))
+        self.resident_bytes.saturating_add(slots_bytes(self.n_slots, self.slot_bytes).max(self.scratch_bytes))
     }
 
-    fn from_resident(units: &[UnitSpec], resident: &[bool], prefetch_depth: usize) -> Plan {
+    fn from_resident(units: &[UnitSpec], resident: &[bool], prefetch_depth: usize, scratch_bytes: u64) -> Plan {
         let (resident_units, streamed): (Vec<usize>, Vec<usize>) = (0..units.len()).partition(|&idx| resident[idx]);
         let sum = |indices: &[usize]| indices.iter().fold(0u64, |sum, &idx| sum.saturating_add(units[idx].bytes));
         let slot_bytes = streamed.iter().map(|&idx| units[idx].bytes).max().unwrap_or(0);
-        // With nothing to stream there are no slots, and nothing to load ahead.
-        let prefetch_depth = if streamed.is_empty() { 0 } else { prefetch_depth };
+        // With nothing to stream there are no slots, and nothing to load ahead; a pass of n
+        // streamed units has at most n - 1 to load ahead.
+        let usable_depth = streamed.len().saturating_sub(1);
+        let requested_prefetch_depth =
+            (prefetch_depth > usable_depth && !streamed.is_empty()).then_some(prefetch_depth);
+        let prefetch_depth = prefetch_depth.min(usable_depth);
         Plan {
-            n_slots: if streamed.is_empty() { 0 } else { prefetch_depth.saturating_add(1) },
+            n_slots: if streamed.is_empty() { 0 } else { prefetch_depth + 1 },
             resident_bytes: sum(&resident_units),
             streamed_bytes_per_pass: sum(&streamed),
             resident: resident_units,
             streamed,
             slot_bytes,
             prefetch_depth,
+            requested_prefetch_depth,
+            scratch_bytes,
         }
     }
 }
@@ -213,11 +266,12 @@ struct SlotCandidate<'a> {
 
 impl SlotCandidate<'_> {
     /// The budget this slot size needs before any optional unit is made resident.
-    fn base_bytes(&self, units: &[UnitSpec], prefetch_depth: usize) -> u64 {
+    fn base_bytes(&self, units: &[UnitSpec], prefetch_depth: usize, scratch_bytes: u64) -> u64 {
         let pinned =
             units.iter().filter(|unit| unit.always_resident).fold(0u64, |sum, unit| sum.saturating_add(unit.bytes));
         let larger = self.larger.iter().fold(0u64, |sum, &idx| sum.saturating_add(units[idx].bytes));
-        pinned.saturating_add(larger).saturating_add(slots_bytes(prefetch_depth.saturating_add(1), self.slot_bytes))
+        let slots = slots_bytes(prefetch_depth.saturating_add(1), self.slot_bytes);
+        pinned.saturating_add(larger).saturating_add(slots.max(scratch_bytes))
     }
 }
 
@@ -249,6 +303,10 @@ impl SlotCandidates {
             rest: &self.by_size[start..],
         })
     }
+}
+
+fn streamable_count(units: &[UnitSpec]) -> usize {
+    units.iter().filter(|unit| !unit.always_resident).count()
 }
 
 fn total_bytes(units: &[UnitSpec]) -> u64 {

@@ -1,45 +1,38 @@
 //! The scheduler: streamed units handed out in a fixed cyclic order, loaded ahead on a worker.
 //!
 //! A [`Prefetcher`] walks the streamed units of a pass in order, and after the last one starts
-//! the next pass, so the first units of the next step load while the current step ends. A
-//! background worker keeps up to `prefetch_depth` units loading ahead of the one the caller
-//! computes with. Every unit occupies a [`Slot`] from the moment it starts loading until the
-//! caller drops it, so at most `prefetch_depth + 1` streamed units are ever alive: the bound is
-//! the slots, not a channel capacity. Depth 0 loads on the caller's thread, with no worker.
+//! the next pass, so the first units of the next step can load while the current step ends. A
+//! background worker loads ahead of the unit the caller computes with, into the free slots of a
+//! [`SlotPool`], so at most `n_slots` streamed units are ever alive: the bound is the slots, not
+//! a channel capacity. With one slot (depth 0) units load on the caller's thread, with no worker.
+//!
+//! The worker loads only what it is admitted to: the rest of the current pass, or as many passes
+//! as the caller said will come ([`Prefetcher::expect_passes`]). So at the end of a run no unit is
+//! loaded for a pass that never comes, and dropping the prefetcher waits for nothing but a load
+//! already under way.
 
 mod worker;
 
-use std::ops::{Deref, DerefMut};
+use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::pool::{DevicePool, Slot, SlotPool};
-use crate::{MemoryError, Plan, ScheduleError, UnitSpec};
-use worker::{Counters, Delivery, Worker};
-
-/// Loads one unit onto the device tier. Implemented outside this crate, for instance by reading
-/// a unit's tensors from a checkpoint.
-pub trait UnitLoader: Send + Sync + 'static {
-    /// A loaded unit, such as a transformer block's weights.
-    type Unit: Send + 'static;
-    /// Why a unit could not be loaded.
-    type Error: std::error::Error + Send + Sync + 'static;
-
-    /// Loads unit `unit_idx` (an index into the `UnitSpec` list) onto the device tier.
-    fn load(&self, unit_idx: usize) -> Result<Self::Unit, Self::Error>;
-}
+use crate::loader::{Ready, SlotBuffer, UnitLoader};
+use crate::slots::SlotPool;
+use crate::{MemoryError, ResidencyError, ScheduleError, UnitSpec};
+use worker::{Counters, Delivery, SlotLease, Worker};
 
 /// Hands out streamed units in order, pass after pass, loading the next ones in the background.
 ///
-/// Dropping it stops and joins the worker, whatever state it is in; units the caller still holds
-/// stay valid and free their slots when dropped.
+/// Dropping it stops and joins the worker; units the caller still holds stay valid and give
+/// their slots back when dropped.
 pub struct Prefetcher<L: UnitLoader> {
     loader: Arc<L>,
     /// Unit index and bytes of each streamed unit, in the order of one pass.
     order: Arc<[(usize, u64)]>,
-    slots: SlotPool,
-    /// `None` for depth 0: units load on the caller's thread.
+    slots: SlotPool<L>,
+    /// `None` with one slot: units load on the caller's thread.
     worker: Option<Worker<L>>,
     /// Units handed out so far; the next one is `order[delivered % order.len()]`.
     delivered: u64,
@@ -58,7 +51,7 @@ pub struct PrefetchStats {
     pub units_loaded: u64,
     /// Bytes of the units loaded.
     pub bytes_loaded: u64,
-    /// Time spent inside [`UnitLoader::load`].
+    /// Time spent inside [`UnitLoader::load_into`].
     pub load_time: Duration,
     /// Units handed out by [`Prefetcher::next`]: deterministic, unlike `units_loaded`.
     pub units_delivered: u64,
@@ -68,21 +61,25 @@ pub struct PrefetchStats {
     pub stall_time: Duration,
 }
 
+impl PrefetchStats {
+    /// Adds `more` to these figures.
+    pub fn add(&mut self, more: &PrefetchStats) {
+        self.units_loaded += more.units_loaded;
+        self.bytes_loaded += more.bytes_loaded;
+        self.load_time += more.load_time;
+        self.units_delivered += more.units_delivered;
+        self.bytes_delivered += more.bytes_delivered;
+        self.stall_time += more.stall_time;
+    }
+}
+
 impl<L: UnitLoader> Prefetcher<L> {
     /// Streams `order` (indices into `units`, in the order one pass uses them) through `slots`,
-    /// which must hold `prefetch_depth + 1` slots, each large enough for every unit in `order`.
-    pub fn new(
-        loader: Arc<L>,
-        units: &[UnitSpec],
-        order: &[usize],
-        prefetch_depth: usize,
-        slots: SlotPool,
-    ) -> Result<Self, MemoryError> {
+    /// loading up to `slots.n_slots() - 1` units ahead. Every unit in `order` must fit a slot. The
+    /// slots must not be in use by another prefetcher.
+    pub fn new(loader: Arc<L>, units: &[UnitSpec], order: &[usize], slots: &SlotPool<L>) -> Result<Self, MemoryError> {
         if order.is_empty() {
             return Err(MemoryError::NothingToStream);
-        }
-        if slots.n_slots() != prefetch_depth.saturating_add(1) {
-            return Err(MemoryError::SlotCount { n_slots: slots.n_slots(), prefetch_depth });
         }
         let order = order
             .iter()
@@ -98,9 +95,11 @@ impl<L: UnitLoader> Prefetcher<L> {
                 Ok((unit_idx, unit.bytes))
             })
             .collect::<Result<Arc<[_]>, _>>()?;
+        let slots = slots.share();
+        slots.reopen();
         let counters = Arc::new(Counters::default());
-        let worker = match prefetch_depth {
-            0 => None,
+        let worker = match slots.n_slots() {
+            0 | 1 => None,
             _ => Some(Worker::spawn(Arc::clone(&loader), Arc::clone(&order), slots.share(), Arc::clone(&counters))?),
         };
         Ok(Prefetcher {
@@ -117,56 +116,50 @@ impl<L: UnitLoader> Prefetcher<L> {
         })
     }
 
-    /// Streams the plan's streamed units through slots reserved from `pool`.
-    pub fn from_plan(
-        loader: Arc<L>,
-        units: &[UnitSpec],
-        plan: &Plan,
-        pool: &Arc<DevicePool>,
-    ) -> Result<Self, MemoryError> {
-        if plan.streamed().is_empty() {
-            return Err(MemoryError::NothingToStream);
-        }
-        let slots = SlotPool::new(pool, plan.n_slots(), plan.slot_bytes())?;
-        Prefetcher::new(loader, units, plan.streamed(), plan.prefetch_depth(), slots)
+    /// Says that `n_passes` passes will be taken from now, counting the current one if it has
+    /// begun: the worker may load ahead up to the end of the last of them, and no further.
+    /// Without it, the worker loads only to the end of the pass the caller is in.
+    pub fn expect_passes(&self, n_passes: u64) {
+        let len = self.order.len() as u64;
+        let pass_start = self.delivered - self.delivered % len;
+        self.slots.admit_until(pass_start.saturating_add(n_passes.saturating_mul(len)));
     }
 
     /// The next unit in order, waiting until it is loaded.
     ///
     /// A load error arrives on the call that would have returned that unit, and a panic of the
-    /// loader as [`ScheduleError::WorkerPanicked`] (at depth 0 the loader runs on this thread, so
-    /// it panics here). After either, the prefetcher is stopped and every later call returns
-    /// [`ScheduleError::Stopped`]. Asking for a unit while holding every slot returns
-    /// [`ScheduleError::AllSlotsHeld`] instead of waiting forever, and does not stop anything.
+    /// loader as [`ResidencyError::WorkerPanicked`] (with one slot the loader runs on this thread,
+    /// so it panics here). After either, the prefetcher is stopped and every later call returns
+    /// [`ResidencyError::Stopped`]. Asking for a unit while holding every slot returns
+    /// [`ResidencyError::AllSlotsHeld`] instead of waiting forever, and stops nothing.
     #[allow(clippy::should_implement_trait)] // Not an `Iterator`: it never ends, and fails instead.
-    pub fn next(&mut self) -> Result<Loaded<L::Unit>, ScheduleError<L::Error>> {
+    pub fn next(&mut self) -> Result<Loaded<L>, ScheduleError<L::Error>> {
         if self.stopped {
-            return Err(ScheduleError::Stopped);
+            return Err(ResidencyError::Stopped.into());
         }
         let n_slots = self.slots.n_slots();
         if self.held.load(Ordering::Acquire) >= n_slots {
-            return Err(ScheduleError::AllSlotsHeld { n_slots });
+            return Err(ResidencyError::AllSlotsHeld { n_slots }.into());
+        }
+        if self.delivered >= self.slots.admitted() {
+            self.expect_passes(1);
         }
         let started = Instant::now();
-        let delivery = match &mut self.worker {
+        let result = match &mut self.worker {
             Some(worker) => worker.receive(),
             None => self.load_here(),
-        };
+        }
+        .and_then(|delivery| self.check(delivery));
         self.stall_time += started.elapsed();
-        let result = delivery.and_then(|Delivery { unit_idx, result, slot }| match result {
-            Ok(unit) => Ok((unit_idx, unit, slot)),
-            Err(source) => Err(ScheduleError::Load { unit_idx, source }),
-        });
-        let (unit_idx, unit, slot) = result.inspect_err(|error| {
-            if !matches!(error, ScheduleError::AllSlotsHeld { .. }) {
+        let (unit_idx, unit, lease) = result.inspect_err(|error| {
+            if !matches!(error, ScheduleError::Residency(ResidencyError::AllSlotsHeld { .. })) {
                 self.stop();
             }
         })?;
-        let (expected_idx, bytes) = self.order[self.pass_position()];
-        debug_assert_eq!(unit_idx, expected_idx, "units arrive in order");
+        self.bytes_delivered += self.order[self.pass_position()].1;
         self.delivered += 1;
-        self.bytes_delivered += bytes;
-        Ok(Loaded { unit, unit_idx, _slot: slot, _held: HeldGuard::new(&self.held) })
+        let held = HeldGuard::new(&self.held);
+        Ok(Loaded { unit: Some(unit), unit_idx, lease, loader: Arc::clone(&self.loader), _held: held })
     }
 
     /// The index in the pass of the unit the next call to [`Self::next`] returns.
@@ -186,7 +179,7 @@ impl<L: UnitLoader> Prefetcher<L> {
 
     /// How many units load ahead of the one the caller holds.
     pub fn prefetch_depth(&self) -> usize {
-        self.slots.n_slots() - 1
+        self.slots.n_slots().saturating_sub(1)
     }
 
     /// Figures since creation.
@@ -202,12 +195,28 @@ impl<L: UnitLoader> Prefetcher<L> {
         }
     }
 
-    /// Depth 0: loads the next unit on this thread, into the only slot.
+    /// One slot: loads the next unit on this thread, into the only slot.
     fn load_here(&self) -> Result<Delivery<L>, ScheduleError<L::Error>> {
         let n_slots = self.slots.n_slots();
-        let slot = self.slots.try_acquire().ok_or(ScheduleError::AllSlotsHeld { n_slots })?;
+        let slot = self.slots.try_take().ok_or(ResidencyError::AllSlotsHeld { n_slots })?;
+        let mut lease = SlotLease::new(slot, self.slots.share());
         let (unit_idx, bytes) = self.order[self.pass_position()];
-        Ok(Delivery { unit_idx, result: self.counters.load(&*self.loader, unit_idx, bytes), slot })
+        let result = self.counters.load(&*self.loader, unit_idx, bytes, lease.slot_mut());
+        Ok(Delivery { unit_idx, result, lease })
+    }
+
+    /// Checks a delivery's size and waits for its ready fence.
+    #[allow(clippy::type_complexity)]
+    fn check(&self, delivery: Delivery<L>) -> Result<(usize, L::Unit, SlotLease<L>), ScheduleError<L::Error>> {
+        let Delivery { unit_idx, result, lease } = delivery;
+        let (expected_idx, planned) = self.order[self.pass_position()];
+        debug_assert_eq!(unit_idx, expected_idx, "units arrive in order");
+        let Ready { unit, ready, bytes_loaded } = result.map_err(|source| ScheduleError::Load { unit_idx, source })?;
+        if bytes_loaded != planned {
+            return Err(ResidencyError::SizeMismatch { unit_idx, planned, loaded: bytes_loaded }.into());
+        }
+        self.loader.wait_ready(&ready).map_err(|source| ScheduleError::Load { unit_idx, source })?;
+        Ok((unit_idx, unit, lease))
     }
 
     fn stop(&mut self) {
@@ -225,36 +234,58 @@ impl<L: UnitLoader> Drop for Prefetcher<L> {
     }
 }
 
+impl<L: UnitLoader> std::fmt::Debug for Prefetcher<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefetcher")
+            .field("pass_len", &self.order.len())
+            .field("delivered", &self.delivered)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A streamed unit handed out by [`Prefetcher::next`]. It dereferences to the unit and holds the
-/// unit's slot; dropping it frees the slot for the next unit to load.
-#[derive(Debug)]
+/// unit's slot; dropping it records the consumed fence and gives the slot back for the next load.
 #[must_use = "dropping a loaded unit frees its slot at once"]
-pub struct Loaded<U> {
-    // Fields drop in order: the unit, then its slot, then the count of held units.
-    unit: U,
+pub struct Loaded<L: UnitLoader> {
+    /// `Some` until dropped: the unit goes before its slot is given back.
+    unit: Option<L::Unit>,
     unit_idx: usize,
-    _slot: Slot,
+    lease: SlotLease<L>,
+    loader: Arc<L>,
     _held: HeldGuard,
 }
 
-impl<U> Loaded<U> {
+impl<L: UnitLoader> Loaded<L> {
     /// The unit's index in the `UnitSpec` list.
     pub fn unit_idx(&self) -> usize {
         self.unit_idx
     }
-}
 
-impl<U> Deref for Loaded<U> {
-    type Target = U;
-
-    fn deref(&self) -> &U {
-        &self.unit
+    /// The slot the unit was loaded into.
+    pub fn slot(&self) -> &SlotBuffer<L::Buffer, L::Fence> {
+        self.lease.slot()
     }
 }
 
-impl<U> DerefMut for Loaded<U> {
-    fn deref_mut(&mut self) -> &mut U {
-        &mut self.unit
+impl<L: UnitLoader> Deref for Loaded<L> {
+    type Target = L::Unit;
+
+    fn deref(&self) -> &L::Unit {
+        self.unit.as_ref().expect("a loaded unit holds its unit until dropped")
+    }
+}
+
+impl<L: UnitLoader> Drop for Loaded<L> {
+    fn drop(&mut self) {
+        self.unit = None;
+        self.lease.give_back(self.loader.record_consumed());
+    }
+}
+
+impl<L: UnitLoader> std::fmt::Debug for Loaded<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loaded").field("unit_idx", &self.unit_idx).field("slot", &self.slot().index()).finish()
     }
 }
 

@@ -76,11 +76,35 @@ impl Policy {
 
     /// The plan this policy makes for `units`; only a budget can fail.
     pub fn plan(&self, units: &[UnitSpec]) -> Result<Plan, MemoryError> {
+        self.plan_with_scratch(units, 0)
+    }
+
+    /// The plan this policy makes for `units`, keeping `scratch_bytes` of room beside the resident
+    /// units for work outside the passes ([`Plan::budget_with_scratch`]); only a budget can fail.
+    pub fn plan_with_scratch(&self, units: &[UnitSpec], scratch_bytes: u64) -> Result<Plan, MemoryError> {
         match *self {
-            Policy::All => Ok(Plan::all(units)),
-            Policy::Sequential => Ok(Plan::sequential(units)),
-            Policy::Stream { prefetch } => Ok(Plan::stream(units, prefetch)),
-            Policy::Budget { budget_bytes, prefetch } => Plan::budget(units, budget_bytes, prefetch),
+            Policy::All => Ok(Plan::all(units).with_scratch(scratch_bytes)),
+            Policy::Sequential => Ok(Plan::sequential(units).with_scratch(scratch_bytes)),
+            Policy::Stream { prefetch } => Ok(Plan::stream(units, prefetch).with_scratch(scratch_bytes)),
+            Policy::Budget { budget_bytes, prefetch } => {
+                Plan::budget_with_scratch(units, budget_bytes, prefetch, scratch_bytes)
+            }
+        }
+    }
+
+    /// The budget, for a [`Policy::Budget`]; the other policies have none.
+    pub fn budget_bytes(&self) -> Option<u64> {
+        match *self {
+            Policy::Budget { budget_bytes, .. } => Some(budget_bytes),
+            _ => None,
+        }
+    }
+
+    /// The prefetch depth asked for: 0 for `all` and `sequential`.
+    pub fn prefetch_depth(&self) -> usize {
+        match *self {
+            Policy::All | Policy::Sequential => 0,
+            Policy::Stream { prefetch } | Policy::Budget { prefetch, .. } => prefetch,
         }
     }
 }

@@ -1,42 +1,41 @@
-//! The device pool: byte accounting of unit weights on the device tier against a budget.
+//! The budget ledger: byte accounting of unit weights on the device tier against a budget.
 //!
 //! Every byte of unit weights that lives on the device tier is held through a [`Reservation`], an
-//! RAII guard that gives its bytes back when dropped. The pool keeps the current and peak totals
+//! RAII guard that gives its bytes back when dropped. The ledger keeps the current and peak totals
 //! and the number of reservations ever made, which is what the memory gate reports and checks.
 //!
-//! The pool accounts; it does not allocate. On CPU the backend allocates its own tensors and the
-//! pool is the budget. A CUDA backend will back each [`Slot`] of a [`SlotPool`] with a real device
-//! buffer reserved once, so streaming reuses memory instead of allocating it per unit.
-
-mod slots;
+//! The ledger accounts; it does not allocate. The buffers behind the reservations are allocated
+//! by the [`UnitLoader`](crate::UnitLoader): one per resident unit and one per streaming slot
+//! ([`SlotPool`](crate::SlotPool)), each reserved here first. Its figures are therefore the
+//! planned weight bytes, not a measurement of memory: on the CPU the heap peak is measured
+//! separately ([`CountingAllocator`](crate::CountingAllocator)).
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-pub use slots::{Slot, SlotPool};
-
 use crate::MemoryError;
 
-/// Byte accounting of the device tier, shared between the compute thread and the loader thread.
+/// Byte accounting of the device tier against a budget, shared between the compute thread and
+/// the loader thread.
 #[derive(Debug)]
-pub struct DevicePool {
+pub struct BudgetLedger {
     budget_bytes: Option<u64>,
-    state: Mutex<PoolState>,
-    /// Signalled when bytes are given back or the pool closes.
+    state: Mutex<LedgerState>,
+    /// Signalled when bytes are given back or the ledger closes.
     changed: Condvar,
 }
 
 #[derive(Debug, Default)]
-struct PoolState {
+struct LedgerState {
     current_bytes: u64,
     peak_bytes: u64,
     n_allocations: u64,
     closed: bool,
 }
 
-impl DevicePool {
-    /// A pool that holds at most `budget_bytes`, or any amount when `None`.
+impl BudgetLedger {
+    /// A ledger that holds at most `budget_bytes`, or any amount when `None`.
     pub fn new(budget_bytes: Option<u64>) -> Self {
-        DevicePool { budget_bytes, state: Mutex::default(), changed: Condvar::new() }
+        BudgetLedger { budget_bytes, state: Mutex::default(), changed: Condvar::new() }
     }
 
     /// Reserves `bytes` now, or fails with [`MemoryError::OverBudget`] if they do not fit.
@@ -45,7 +44,7 @@ impl DevicePool {
     pub fn try_reserve(self: &Arc<Self>, bytes: u64, label: &str) -> Result<Reservation, MemoryError> {
         let mut state = self.lock();
         if state.closed {
-            return Err(MemoryError::PoolClosed);
+            return Err(MemoryError::LedgerClosed);
         }
         if !self.fits(&state, bytes) {
             return Err(self.over_budget(&state, bytes, label));
@@ -56,7 +55,7 @@ impl DevicePool {
     /// Reserves `bytes`, waiting until other reservations give back enough of them.
     ///
     /// Fails at once with [`MemoryError::OverBudget`] if `bytes` exceed the whole budget, and with
-    /// [`MemoryError::PoolClosed`] if the pool is closed before or while waiting.
+    /// [`MemoryError::LedgerClosed`] if the ledger is closed before or while waiting.
     pub fn reserve_blocking(self: &Arc<Self>, bytes: u64, label: &str) -> Result<Reservation, MemoryError> {
         if self.budget_bytes.is_some_and(|budget| bytes > budget) {
             return Err(self.over_budget(&self.lock(), bytes, label));
@@ -64,7 +63,7 @@ impl DevicePool {
         let mut state = self.lock();
         loop {
             if state.closed {
-                return Err(MemoryError::PoolClosed);
+                return Err(MemoryError::LedgerClosed);
             }
             if self.fits(&state, bytes) {
                 return Ok(self.grant(&mut state, bytes));
@@ -73,7 +72,7 @@ impl DevicePool {
         }
     }
 
-    /// Closes the pool: waiting and later reservations fail with [`MemoryError::PoolClosed`].
+    /// Closes the ledger: waiting and later reservations fail with [`MemoryError::LedgerClosed`].
     /// Existing reservations stay valid and still give their bytes back.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -100,7 +99,8 @@ impl DevicePool {
         self.lock().peak_bytes
     }
 
-    /// The number of reservations ever granted. Constant while streaming through a [`SlotPool`].
+    /// The number of reservations ever granted. Constant while streaming through a
+    /// [`SlotPool`](crate::SlotPool).
     pub fn n_allocations(&self) -> u64 {
         self.lock().n_allocations
     }
@@ -111,12 +111,12 @@ impl DevicePool {
         state.peak_bytes = state.current_bytes;
     }
 
-    fn fits(&self, state: &PoolState, bytes: u64) -> bool {
+    fn fits(&self, state: &LedgerState, bytes: u64) -> bool {
         let total = state.current_bytes.checked_add(bytes);
         total.is_some_and(|total| self.budget_bytes.is_none_or(|budget| total <= budget))
     }
 
-    fn over_budget(&self, state: &PoolState, bytes: u64, label: &str) -> MemoryError {
+    fn over_budget(&self, state: &LedgerState, bytes: u64, label: &str) -> MemoryError {
         MemoryError::OverBudget {
             label: label.to_owned(),
             requested: bytes,
@@ -125,7 +125,7 @@ impl DevicePool {
         }
     }
 
-    fn grant(self: &Arc<Self>, state: &mut PoolState, bytes: u64) -> Reservation {
+    fn grant(self: &Arc<Self>, state: &mut LedgerState, bytes: u64) -> Reservation {
         state.current_bytes += bytes;
         state.peak_bytes = state.peak_bytes.max(state.current_bytes);
         state.n_allocations += 1;
@@ -141,16 +141,16 @@ impl DevicePool {
 
     /// Locks the state. The state is plain counters that no panic leaves half-written, so a
     /// poisoned lock is still sound to use.
-    fn lock(&self) -> MutexGuard<'_, PoolState> {
+    fn lock(&self) -> MutexGuard<'_, LedgerState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// Bytes held in a [`DevicePool`]; they go back to the pool when this is dropped.
+/// Bytes held in a [`BudgetLedger`]; they go back to the ledger when this is dropped.
 #[derive(Debug)]
-#[must_use = "the bytes go back to the pool as soon as the reservation is dropped"]
+#[must_use = "the bytes go back to the ledger as soon as the reservation is dropped"]
 pub struct Reservation {
-    pool: Arc<DevicePool>,
+    pool: Arc<BudgetLedger>,
     bytes: u64,
 }
 
