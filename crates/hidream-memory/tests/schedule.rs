@@ -1,215 +1,188 @@
-//! The prefetch scheduler against a fake loader with random delays: order, the slot bound, errors,
-//! panics and drops at any point, each under a timeout so that a deadlock fails the test.
+//! The prefetcher over a slot pool, against the fake loader with random delays: order, the slot
+//! bound, the fence protocol, admission, errors, panics and drops at any point, each under a
+//! timeout so that a deadlock fails the test.
+
+#[path = "support/fake_loader.rs"]
+mod fake_loader;
 
 use std::collections::VecDeque;
-use std::fmt;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use hidream_memory::{DevicePool, Loaded, MemoryError, Plan, Prefetcher, ScheduleError, SlotPool, UnitSpec};
+use fake_loader::{Config, FakeError, FakeLoader, with_timeout};
+use hidream_memory::{BudgetLedger, Loaded, MemoryError, Prefetcher, ResidencyError, ScheduleError, SlotPool};
 use proptest::prelude::*;
-
-/// Runs `body` on its own thread and fails if it takes longer than this: a deadlock fails the
-/// test instead of hanging it.
-fn with_timeout<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) -> T {
-    let (sender, result) = mpsc::channel();
-    let thread = thread::spawn(move || sender.send(body()).unwrap());
-    match result.recv_timeout(Duration::from_secs(20)) {
-        Ok(value) => value,
-        Err(mpsc::RecvTimeoutError::Disconnected) => std::panic::resume_unwind(thread.join().unwrap_err()),
-        Err(mpsc::RecvTimeoutError::Timeout) => panic!("deadlock: the test did not finish in time"),
-    }
-}
-
-/// A loader that sleeps, counts the units alive, and fails or panics on a chosen load.
-#[derive(Default)]
-struct FakeLoader {
-    /// Sleep per unit index, in microseconds.
-    load_delay_us: Vec<u64>,
-    /// The load (counted from 0 over the whole run) that fails.
-    fail_on_load: Option<usize>,
-    /// The load that panics.
-    panic_on_load: Option<usize>,
-    loads: AtomicUsize,
-    alive: Arc<AtomicUsize>,
-    max_alive: AtomicUsize,
-}
-
-#[derive(Debug)]
-struct FakeUnit {
-    /// The index the loader was asked for, to check against the one the prefetcher reports.
-    loaded_idx: usize,
-    alive: Arc<AtomicUsize>,
-}
-
-impl Drop for FakeUnit {
-    fn drop(&mut self) {
-        self.alive.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-#[derive(Debug)]
-struct FakeError(usize);
-
-impl fmt::Display for FakeError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "fake failure on load {}", self.0)
-    }
-}
-
-impl std::error::Error for FakeError {}
-
-impl hidream_memory::UnitLoader for FakeLoader {
-    type Unit = FakeUnit;
-    type Error = FakeError;
-
-    fn load(&self, unit_idx: usize) -> Result<FakeUnit, FakeError> {
-        let load_idx = self.loads.fetch_add(1, Ordering::SeqCst);
-        if self.fail_on_load == Some(load_idx) {
-            return Err(FakeError(load_idx));
-        }
-        assert_ne!(self.panic_on_load, Some(load_idx), "fake panic");
-        thread::sleep(Duration::from_micros(self.load_delay_us.get(unit_idx).copied().unwrap_or(0)));
-        let alive = self.alive.fetch_add(1, Ordering::SeqCst) + 1;
-        self.max_alive.fetch_max(alive, Ordering::SeqCst);
-        Ok(FakeUnit { loaded_idx: unit_idx, alive: Arc::clone(&self.alive) })
-    }
-}
 
 /// A scheduling scenario: units, the order of a pass, and how the caller behaves.
 #[derive(Debug, Clone)]
 struct Scenario {
     unit_bytes: Vec<u64>,
+    /// Indices into `unit_bytes`; a unit may come more than once in a pass.
     order: Vec<usize>,
-    depth: usize,
+    n_slots: usize,
     load_delay_us: Vec<u64>,
+    /// Host-side time per unit, cycled.
     compute_delay_us: Vec<u64>,
-    /// Units the caller keeps besides the one it computes with, at most `depth`.
+    /// Time the compute stream works with each unit after the host let go of it, cycled.
+    device_delay_us: Vec<u64>,
+    /// Units the caller keeps besides the one it computes with, fewer than `n_slots`.
     keep: usize,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
-    (1usize..8, 0usize..=4).prop_flat_map(|(n_units, depth)| {
+    (1usize..8, 1usize..=5).prop_flat_map(|(n_units, n_slots)| {
         (
             prop::collection::vec(1u64..1000, n_units),
             prop::collection::vec(0..n_units, 1..10),
             prop::collection::vec(0u64..300, n_units),
             prop::collection::vec(0u64..300, 1..10),
-            0..=depth,
+            prop::collection::vec(0u64..300, 1..10),
+            0..n_slots,
         )
-            .prop_map(move |(unit_bytes, order, load_delay_us, compute_delay_us, keep)| Scenario {
-                unit_bytes,
-                order,
-                depth,
-                load_delay_us,
-                compute_delay_us,
-                keep,
+            .prop_map(move |(unit_bytes, order, load_delay_us, compute_delay_us, device_delay_us, keep)| {
+                Scenario { unit_bytes, order, n_slots, load_delay_us, compute_delay_us, device_delay_us, keep }
             })
     })
 }
 
+/// A running scenario: the loader, the ledger, the slots and the prefetcher over them.
+struct Run {
+    scenario: Scenario,
+    loader: Arc<FakeLoader>,
+    ledger: Arc<BudgetLedger>,
+    slots: SlotPool<FakeLoader>,
+    prefetcher: Prefetcher<FakeLoader>,
+    held: VecDeque<Loaded<FakeLoader>>,
+    step: usize,
+}
+
 impl Scenario {
-    fn units(&self) -> Vec<UnitSpec> {
-        self.unit_bytes.iter().map(|&bytes| UnitSpec::streamable(bytes)).collect()
-    }
-
-    fn start(&self, loader: FakeLoader) -> (Arc<FakeLoader>, Arc<DevicePool>, Prefetcher<FakeLoader>) {
-        let loader = Arc::new(FakeLoader { load_delay_us: self.load_delay_us.clone(), ..loader });
-        let pool = Arc::new(DevicePool::new(None));
-        let slot_bytes = self.order.iter().map(|&idx| self.unit_bytes[idx]).max().unwrap();
-        let slots = SlotPool::new(&pool, self.depth + 1, slot_bytes).unwrap();
-        let prefetcher = Prefetcher::new(Arc::clone(&loader), &self.units(), &self.order, self.depth, slots).unwrap();
-        (loader, pool, prefetcher)
-    }
-
-    /// Computes with one unit, keeping the last `keep` units as well.
-    fn compute(&self, step: usize, held: &mut VecDeque<Loaded<FakeUnit>>, unit: Loaded<FakeUnit>) {
-        thread::sleep(Duration::from_micros(self.compute_delay_us[step % self.compute_delay_us.len()]));
-        held.push_back(unit);
-        while held.len() > self.keep {
-            held.pop_front();
+    fn config(&self) -> Config {
+        Config {
+            load_delay_us: self.load_delay_us.clone(),
+            device_delay_us: self.device_delay_us.clone(),
+            ..Config::new(&self.unit_bytes)
         }
+    }
+
+    fn slot_bytes(&self) -> u64 {
+        self.order.iter().map(|&idx| self.unit_bytes[idx]).max().unwrap()
+    }
+
+    fn start(&self, config: Config) -> Run {
+        let loader = FakeLoader::new(config);
+        let ledger = Arc::new(BudgetLedger::new(None));
+        let slots = SlotPool::new(&ledger, &*loader, self.n_slots, self.slot_bytes()).unwrap();
+        let prefetcher = Prefetcher::new(Arc::clone(&loader), &self.config().specs(), &self.order, &slots).unwrap();
+        Run { scenario: self.clone(), loader, ledger, slots, prefetcher, held: VecDeque::new(), step: 0 }
     }
 }
 
-/// After everything is dropped, the worker is gone and every unit and byte is given back.
-fn assert_all_released(loader: &Arc<FakeLoader>, pool: &DevicePool) {
-    assert_eq!(Arc::strong_count(loader), 1, "the worker thread still holds the loader");
-    assert_eq!(loader.alive.load(Ordering::SeqCst), 0, "units leaked");
-    assert_eq!(pool.current_bytes(), 0, "slot bytes leaked");
+impl Run {
+    /// Takes the next unit, checks it is the one the order says, uses it and keeps the last `keep`.
+    fn step(&mut self) -> Result<(), ScheduleError<FakeError>> {
+        let expected = self.scenario.order[self.step % self.scenario.order.len()];
+        assert_eq!(self.prefetcher.pass_position(), self.step % self.scenario.order.len());
+        let unit = self.prefetcher.next()?;
+        assert_eq!(unit.unit_idx(), expected, "step {}", self.step);
+        self.loader.use_unit(expected, &unit);
+        let delay = self.scenario.compute_delay_us[self.step % self.scenario.compute_delay_us.len()];
+        thread::sleep(Duration::from_micros(delay));
+        self.held.push_back(unit);
+        while self.held.len() > self.scenario.keep {
+            self.held.pop_front();
+        }
+        self.step += 1;
+        Ok(())
+    }
+
+    /// Drops the prefetcher and the units, then checks that the worker is gone, every unit and
+    /// slot is given back, and the protocol held throughout.
+    fn finish(self) {
+        let Run { scenario, loader, ledger, slots, prefetcher, held, .. } = self;
+        drop(prefetcher);
+        drop(held);
+        assert_eq!(Arc::strong_count(&loader), 1, "the worker thread still holds the loader");
+        assert_eq!(loader.alive(), 0, "units leaked");
+        assert_eq!(slots.n_free(), scenario.n_slots, "slots leaked");
+        assert_eq!(loader.allocations(), scenario.n_slots, "one buffer per slot, allocated once");
+        assert_eq!(loader.consumed_recorded(), loader.ready_waits(), "every unit handed out is released once");
+        loader.assert_clean();
+        drop(slots);
+        assert_eq!((ledger.current_bytes(), loader.live_bytes()), (0, 0), "slot bytes leaked");
+    }
 }
 
 fn check_passes(scenario: Scenario, n_passes: usize) {
-    let (loader, pool, mut prefetcher) = scenario.start(FakeLoader::default());
-    let n_allocations = pool.n_allocations();
-    let mut held = VecDeque::new();
-    let mut step = 0;
+    let mut run = scenario.start(scenario.config());
+    let n_reservations = run.ledger.n_allocations();
     for pass in 0..n_passes {
-        for (position, &unit_idx) in scenario.order.iter().enumerate() {
-            assert_eq!(prefetcher.pass_position(), position);
-            let unit = prefetcher.next().unwrap();
-            assert_eq!((unit.unit_idx(), unit.loaded_idx), (unit_idx, unit_idx), "pass {pass}, position {position}");
-            scenario.compute(step, &mut held, unit);
-            step += 1;
+        for _ in 0..scenario.order.len() {
+            run.step().unwrap();
         }
-        assert_eq!(prefetcher.passes_completed(), pass as u64 + 1);
+        assert_eq!(run.prefetcher.passes_completed(), pass as u64 + 1);
     }
-    let stats = prefetcher.stats();
+    let stats = run.prefetcher.stats();
+    let pass_len = scenario.order.len() as u64;
     let pass_bytes: u64 = scenario.order.iter().map(|&idx| scenario.unit_bytes[idx]).sum();
-    assert_eq!((stats.units_delivered, stats.bytes_delivered), (step as u64, n_passes as u64 * pass_bytes));
-    assert!(stats.units_loaded >= stats.units_delivered && stats.bytes_loaded >= stats.bytes_delivered);
-    assert!(stats.units_loaded <= stats.units_delivered + scenario.depth as u64 + 1);
-    assert_eq!(pool.n_allocations(), n_allocations, "streaming reserves nothing per unit");
-    let max_alive = loader.max_alive.load(Ordering::SeqCst);
-    assert!(max_alive <= scenario.depth + 1, "{max_alive} units alive at once with depth {}", scenario.depth);
-    drop(prefetcher);
-    drop(held);
-    assert_all_released(&loader, &pool);
+    assert_eq!((stats.units_delivered, stats.bytes_delivered), (n_passes as u64 * pass_len, n_passes as u64 * pass_bytes));
+    // Nothing was admitted past the end of the last pass, so nothing loaded for a pass to come.
+    assert_eq!((stats.units_loaded, stats.bytes_loaded), (stats.units_delivered, stats.bytes_delivered));
+    assert_eq!(run.loader.loads_started(), stats.units_loaded as usize);
+    assert_eq!(run.loader.ready_waits(), stats.units_delivered as usize, "every unit's ready fence was waited on");
+    assert_eq!(run.ledger.n_allocations(), n_reservations, "streaming reserves nothing per unit");
+    let loads = run.loader.loads_per_buffer();
+    assert!(loads.len() <= scenario.n_slots, "{} buffers loaded into, {} slots", loads.len(), scenario.n_slots);
+    assert_eq!(loads.values().sum::<u64>(), stats.units_loaded);
+    let max_alive = run.loader.max_alive();
+    assert!(max_alive <= scenario.n_slots, "{max_alive} units alive at once in {} slots", scenario.n_slots);
+    assert_eq!(run.loader.peak_live_bytes(), scenario.n_slots as u64 * scenario.slot_bytes());
+    run.finish();
 }
 
 /// Fails load `fail_on_load` and checks that the error arrives on that unit's `next`.
 fn check_failure(scenario: Scenario, fail_on_load: usize) {
-    let (loader, pool, mut prefetcher) =
-        scenario.start(FakeLoader { fail_on_load: Some(fail_on_load), ..Default::default() });
-    let mut held = VecDeque::new();
-    for step in 0..fail_on_load {
-        let unit = prefetcher.next().unwrap();
-        assert_eq!(unit.unit_idx(), scenario.order[step % scenario.order.len()]);
-        scenario.compute(step, &mut held, unit);
+    let mut run = scenario.start(Config { fail_on_load: Some(fail_on_load), ..scenario.config() });
+    for _ in 0..fail_on_load {
+        run.step().unwrap();
     }
-    match prefetcher.next() {
-        Err(ScheduleError::Load { unit_idx, source: FakeError(load_idx) }) => {
+    match run.prefetcher.next() {
+        Err(ScheduleError::Load { unit_idx, source: FakeError::Load(load_idx) }) => {
             assert_eq!((unit_idx, load_idx), (scenario.order[fail_on_load % scenario.order.len()], fail_on_load));
         }
         other => panic!("expected the load error, got {other:?}"),
     }
-    assert!(matches!(prefetcher.next(), Err(ScheduleError::Stopped)));
-    drop(prefetcher);
-    drop(held);
-    assert_all_released(&loader, &pool);
+    assert!(matches!(run.prefetcher.next(), Err(ScheduleError::Residency(ResidencyError::Stopped))));
+    run.finish();
 }
 
 /// Drops the prefetcher after `n_next` units, with or without units still held.
 fn check_drop(scenario: Scenario, n_next: usize, release_units_first: bool) {
-    let (loader, pool, mut prefetcher) = scenario.start(FakeLoader::default());
-    let mut held = VecDeque::new();
-    for step in 0..n_next {
-        let unit = prefetcher.next().unwrap();
-        scenario.compute(step, &mut held, unit);
+    let mut run = scenario.start(scenario.config());
+    for _ in 0..n_next {
+        run.step().unwrap();
     }
     if release_units_first {
-        held.clear();
+        run.held.clear();
     }
+    let Run { loader, ledger, slots, prefetcher, held, .. } = run;
     drop(prefetcher);
-    assert_eq!(Arc::strong_count(&loader), 1, "dropping the prefetcher joins the worker");
+    // Each unit the caller holds keeps a handle to the loader, to record its consumed fence.
+    assert_eq!(Arc::strong_count(&loader), 1 + held.len(), "dropping the prefetcher joins the worker");
+    assert_eq!(loader.alive(), held.len(), "units the caller holds stay valid, the others are dropped");
+    for unit in &held {
+        loader.use_unit(unit.unit_idx(), unit);
+    }
     drop(held);
-    assert_all_released(&loader, &pool);
+    assert_eq!((loader.alive(), slots.n_free()), (0, scenario.n_slots));
+    loader.assert_clean();
+    drop(slots);
+    assert_eq!((ledger.current_bytes(), loader.live_bytes()), (0, 0));
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(48))]
+    #![proptest_config(ProptestConfig::with_cases(32))]
 
     #[test]
     fn every_pass_delivers_every_unit_in_order(scenario in scenario(), n_passes in 1usize..4) {
@@ -227,13 +200,14 @@ proptest! {
     }
 }
 
-fn simple(depth: usize) -> Scenario {
+fn simple(n_slots: usize) -> Scenario {
     Scenario {
         unit_bytes: vec![10, 20, 30],
         order: vec![0, 1, 2],
-        depth,
+        n_slots,
         load_delay_us: vec![0; 3],
         compute_delay_us: vec![0],
+        device_delay_us: vec![200],
         keep: 0,
     }
 }
@@ -241,33 +215,41 @@ fn simple(depth: usize) -> Scenario {
 #[test]
 fn dropping_while_the_worker_waits_for_a_slot() {
     with_timeout(|| {
-        let (loader, pool, mut prefetcher) = simple(1).start(FakeLoader::default());
-        let unit = prefetcher.next().unwrap();
+        let mut run = simple(2).start(simple(2).config());
+        let unit = run.prefetcher.next().unwrap();
         // One slot computes, the other holds the next unit: the worker now waits for a slot.
-        while prefetcher.stats().units_loaded < 2 {
+        while run.prefetcher.stats().units_loaded < 2 {
             thread::sleep(Duration::from_millis(1));
         }
+        run.held.push_back(unit);
+        let Run { loader, slots, prefetcher, held, .. } = run;
         drop(prefetcher);
-        assert_eq!(Arc::strong_count(&loader), 1);
-        assert_eq!(loader.alive.load(Ordering::SeqCst), 1, "the unit the caller holds stays valid");
-        assert_eq!(unit.loaded_idx, 0);
-        drop(unit);
-        assert_all_released(&loader, &pool);
+        assert_eq!(Arc::strong_count(&loader), 2, "the worker is gone; the unit held keeps a handle");
+        assert_eq!(loader.alive(), 1, "the unit the caller holds stays valid");
+        loader.use_unit(0, &held[0]);
+        drop(held);
+        assert_eq!(slots.n_free(), 2);
+        loader.assert_clean();
     });
 }
 
 #[test]
 fn holding_every_slot_is_an_error_not_a_deadlock() {
     with_timeout(|| {
-        for depth in 0..3 {
-            let (loader, pool, mut prefetcher) = simple(depth).start(FakeLoader::default());
-            let mut held: Vec<_> = (0..=depth).map(|_| prefetcher.next().unwrap()).collect();
-            assert!(matches!(prefetcher.next(), Err(ScheduleError::AllSlotsHeld { n_slots }) if n_slots == depth + 1));
+        for n_slots in 1..4 {
+            let mut run = simple(n_slots).start(simple(n_slots).config());
+            let mut held: Vec<_> = (0..n_slots).map(|_| run.prefetcher.next().unwrap()).collect();
+            let error = run.prefetcher.next().unwrap_err();
+            assert!(
+                matches!(error, ScheduleError::Residency(ResidencyError::AllSlotsHeld { n_slots: n }) if n == n_slots),
+                "{error:?}"
+            );
             drop(held.remove(0));
-            let unit = prefetcher.next().expect("the prefetcher goes on once a slot is free");
-            assert_eq!(unit.unit_idx(), (depth + 1) % 3);
-            drop((held, unit, prefetcher));
-            assert_all_released(&loader, &pool);
+            let unit = run.prefetcher.next().expect("the prefetcher goes on once a slot is free");
+            assert_eq!(unit.unit_idx(), n_slots % 3);
+            run.held.extend(held);
+            run.held.push_back(unit);
+            run.finish();
         }
     });
 }
@@ -275,79 +257,99 @@ fn holding_every_slot_is_an_error_not_a_deadlock() {
 #[test]
 fn a_panicking_loader_is_reported() {
     with_timeout(|| {
-        let (loader, pool, mut prefetcher) =
-            simple(2).start(FakeLoader { panic_on_load: Some(4), ..Default::default() });
+        let scenario = simple(3);
+        let mut run = scenario.start(Config { panic_on_load: Some(4), ..scenario.config() });
         for _ in 0..4 {
-            drop(prefetcher.next().unwrap());
+            run.step().unwrap();
         }
-        match prefetcher.next() {
-            Err(ScheduleError::WorkerPanicked { message }) => assert!(message.contains("fake panic"), "{message}"),
+        match run.prefetcher.next() {
+            Err(ScheduleError::Residency(ResidencyError::WorkerPanicked { message })) => {
+                assert!(message.contains("fake panic"), "{message}");
+            }
             other => panic!("expected the panic, got {other:?}"),
         }
-        assert!(matches!(prefetcher.next(), Err(ScheduleError::Stopped)));
-        drop(prefetcher);
-        assert_all_released(&loader, &pool);
+        assert!(matches!(run.prefetcher.next(), Err(ScheduleError::Residency(ResidencyError::Stopped))));
+        run.finish();
     });
 }
 
 #[test]
-fn depth_zero_loads_on_the_callers_thread() {
-    let (loader, pool, mut prefetcher) = simple(0).start(FakeLoader::default());
-    for step in 0..7 {
-        let unit = prefetcher.next().unwrap();
-        assert_eq!(unit.unit_idx(), step % 3);
-        assert_eq!(prefetcher.stats().units_loaded, step as u64 + 1, "nothing loads ahead");
-    }
-    assert_eq!(prefetcher.prefetch_depth(), 0);
-    assert_eq!(Arc::strong_count(&loader), 2, "no worker thread holds the loader");
-    drop(prefetcher);
-    assert_all_released(&loader, &pool);
+fn a_single_slot_loads_on_the_callers_thread() {
+    with_timeout(|| {
+        let mut run = simple(1).start(simple(1).config());
+        for step in 0..7 {
+            run.step().unwrap();
+            assert_eq!(run.prefetcher.stats().units_loaded, step as u64 + 1, "nothing loads ahead");
+        }
+        assert_eq!(run.prefetcher.prefetch_depth(), 0);
+        assert_eq!(Arc::strong_count(&run.loader), 2, "no worker thread holds the loader");
+        assert_eq!(run.loader.loads_per_buffer().into_values().collect::<Vec<_>>(), [7], "one buffer, reused");
+        run.finish();
+    });
 }
 
 #[test]
-fn prefetching_from_a_plan_stays_within_the_budget() {
+fn a_wrong_size_is_refused() {
     with_timeout(|| {
-        let units = [
-            UnitSpec::resident(5),
-            UnitSpec::streamable(40),
-            UnitSpec::streamable(30),
-            UnitSpec::streamable(40),
-            UnitSpec::streamable(40),
-        ];
-        let budget_bytes = 5 + 40 + 2 * 40;
-        let plan = Plan::budget(&units, budget_bytes, 1).unwrap();
-        assert_eq!((plan.resident(), plan.streamed()), (&[0, 1][..], &[2, 3, 4][..]));
-        let pool = Arc::new(DevicePool::new(Some(budget_bytes)));
-        let resident: Vec<_> =
-            plan.resident().iter().map(|&idx| pool.try_reserve(units[idx].bytes, "resident").unwrap()).collect();
-        let loader = Arc::new(FakeLoader::default());
-        let mut prefetcher = Prefetcher::from_plan(Arc::clone(&loader), &units, &plan, &pool).unwrap();
-        for _ in 0..3 * plan.streamed().len() {
-            drop(prefetcher.next().unwrap());
+        for n_slots in [1, 2] {
+            let scenario = simple(n_slots);
+            let mut run = scenario.start(Config { wrong_size_unit: Some(1), ..scenario.config() });
+            run.step().unwrap();
+            let error = run.prefetcher.next().unwrap_err();
+            assert!(
+                matches!(
+                    error,
+                    ScheduleError::Residency(ResidencyError::SizeMismatch { unit_idx: 1, planned: 20, loaded: 21 })
+                ),
+                "{error:?}"
+            );
+            assert!(matches!(run.prefetcher.next(), Err(ScheduleError::Residency(ResidencyError::Stopped))));
+            run.finish();
         }
-        assert_eq!(prefetcher.stats().bytes_delivered, 3 * plan.streamed_bytes_per_pass());
-        assert_eq!(pool.peak_bytes(), plan.peak_weight_bytes());
-        drop((prefetcher, resident));
-        assert_all_released(&loader, &pool);
+    });
+}
+
+#[test]
+fn expected_passes_bound_the_loads() {
+    with_timeout(|| {
+        let scenario = Scenario { n_slots: 3, ..simple(3) };
+        let mut run = scenario.start(scenario.config());
+        run.prefetcher.expect_passes(2);
+        run.step().unwrap();
+        // Mid-pass, the admission grows only: asking for fewer passes takes nothing back.
+        run.prefetcher.expect_passes(1);
+        for _ in 1..6 {
+            run.step().unwrap();
+        }
+        thread::sleep(Duration::from_millis(5));
+        assert_eq!(run.prefetcher.stats().units_loaded, 6, "two passes admitted, two loaded");
+        run.prefetcher.expect_passes(1);
+        thread::sleep(Duration::from_millis(5));
+        let loaded = run.prefetcher.stats().units_loaded;
+        assert!(loaded <= 9, "{loaded} loaded: the third pass may load ahead into the free slots, and no further");
+        for _ in 6..9 {
+            run.step().unwrap();
+        }
+        assert_eq!(run.prefetcher.stats().units_loaded, 9);
+        run.finish();
     });
 }
 
 #[test]
 fn invalid_setups_are_refused() {
-    let units = [UnitSpec::streamable(10), UnitSpec::streamable(20)];
-    let pool = Arc::new(DevicePool::new(None));
-    let loader = Arc::new(FakeLoader::default());
-    let start = |order: &[usize], depth: usize, n_slots: usize, slot_bytes: u64| {
-        let slots = SlotPool::new(&pool, n_slots, slot_bytes).unwrap();
-        Prefetcher::new(Arc::clone(&loader), &units, order, depth, slots).err()
+    let config = Config::new(&[10, 20]);
+    let loader = FakeLoader::new(config.clone());
+    let ledger = Arc::new(BudgetLedger::new(None));
+    let start = |order: &[usize], n_slots: usize, slot_bytes: u64| {
+        let slots = SlotPool::new(&ledger, &*loader, n_slots, slot_bytes).unwrap();
+        Prefetcher::new(Arc::clone(&loader), &config.specs(), order, &slots).err()
     };
-    assert!(matches!(start(&[], 1, 2, 20), Some(MemoryError::NothingToStream)));
-    assert!(matches!(start(&[0, 1], 1, 3, 20), Some(MemoryError::SlotCount { n_slots: 3, prefetch_depth: 1 })));
-    assert!(matches!(start(&[0, 2], 1, 2, 20), Some(MemoryError::UnitOutOfRange { unit_idx: 2, n_units: 2 })));
+    assert!(matches!(start(&[], 2, 20), Some(MemoryError::NothingToStream)));
+    assert!(matches!(start(&[0, 2], 2, 20), Some(MemoryError::UnitOutOfRange { unit_idx: 2, n_units: 2 })));
     assert!(matches!(
-        start(&[0, 1], 1, 2, 15),
+        start(&[0, 1], 2, 15),
         Some(MemoryError::UnitLargerThanSlot { unit_idx: 1, unit_bytes: 20, slot_bytes: 15 })
     ));
-    let all = Plan::all(&units);
-    assert!(matches!(Prefetcher::from_plan(loader, &units, &all, &pool), Err(MemoryError::NothingToStream)));
+    assert!(start(&[0, 1], 2, 20).is_none());
+    assert_eq!(ledger.current_bytes(), 0);
 }
