@@ -38,7 +38,7 @@ pub struct Prefetcher<L: UnitLoader> {
     delivered: u64,
     bytes_delivered: u64,
     stall_time: Duration,
-    /// Units the caller holds now.
+    /// Units the caller holds now, from this stream or an earlier one over the same slots.
     held: Arc<AtomicUsize>,
     counters: Arc<Counters>,
     stopped: bool,
@@ -102,6 +102,7 @@ impl<L: UnitLoader> Prefetcher<L> {
             0 | 1 => None,
             _ => Some(Worker::spawn(Arc::clone(&loader), Arc::clone(&order), slots.share(), Arc::clone(&counters))?),
         };
+        let held = slots.held();
         Ok(Prefetcher {
             loader,
             order,
@@ -110,7 +111,8 @@ impl<L: UnitLoader> Prefetcher<L> {
             delivered: 0,
             bytes_delivered: 0,
             stall_time: Duration::ZERO,
-            held: Arc::new(AtomicUsize::new(0)),
+            // Shared with the slots, not fresh: units kept from an earlier stream still hold slots.
+            held,
             counters,
             stopped: false,
         })

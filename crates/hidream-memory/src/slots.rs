@@ -10,6 +10,7 @@
 //! and one condition variable, so the worker sleeps until it has both a free slot and leave to
 //! load.
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::ledger::{BudgetLedger, Reservation};
@@ -27,6 +28,8 @@ struct Shared<L: UnitLoader> {
     /// One reservation per slot, held for the life of the slots.
     _reservations: Vec<Reservation>,
     state: Mutex<State<L>>,
+    /// Units handed out to the caller and not dropped yet, by any prefetcher over these slots.
+    held: Arc<AtomicUsize>,
     /// Signalled when a slot comes back, the admission grows, or the slots close.
     changed: Condvar,
 }
@@ -67,6 +70,7 @@ impl<L: UnitLoader> SlotPool<L> {
             n_slots,
             _reservations: reservations,
             state: Mutex::new(state),
+            held: Arc::default(),
             changed: Condvar::new(),
         };
         Ok(SlotPool { shared: Arc::new(shared) })
@@ -90,6 +94,12 @@ impl<L: UnitLoader> SlotPool<L> {
     /// A second handle to the same slots.
     pub(crate) fn share(&self) -> SlotPool<L> {
         SlotPool { shared: Arc::clone(&self.shared) }
+    }
+
+    /// The count of units the caller holds, shared by every prefetcher over these slots: a unit
+    /// kept after its prefetcher is dropped still holds its slot from the next one.
+    pub(crate) fn held(&self) -> Arc<AtomicUsize> {
+        Arc::clone(&self.shared.held)
     }
 
     /// A free slot now, or `None` if every slot is handed out. Ignores the admission: for loads
