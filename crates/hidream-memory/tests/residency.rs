@@ -389,6 +389,14 @@ fn slow(depth: usize) -> Setup {
     setup
 }
 
+/// Waits until the runtime has loaded `n_units` streamed units: the worker loads ahead. (The test's
+/// timeout fails it if the worker never does.)
+fn wait_until_loaded(residency: &Residency<FakeLoader>, n_units: u64) {
+    while residency.stats().units_loaded < n_units {
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
 #[test]
 fn told_passes_load_exactly_those_passes_even_with_a_deep_prefetch() {
     with_timeout(|| {
@@ -397,8 +405,12 @@ fn told_passes_load_exactly_those_passes_even_with_a_deep_prefetch() {
             assert_eq!(setup.plan.n_slots(), 4);
             let mut run = setup.start().unwrap();
             run.residency.expect_passes(n_passes);
-            for _ in 0..n_passes {
+            for pass_idx in 1..=n_passes {
                 run.pass(None).unwrap();
+                if pass_idx < n_passes {
+                    // Told of the next pass, the worker loads its first units while this one ends.
+                    wait_until_loaded(&run.residency, pass_idx * 4 + 1);
+                }
             }
             thread::sleep(Duration::from_millis(5));
             assert_eq!(run.residency.stats().units_loaded, n_passes * 4, "{n_passes} passes");
@@ -425,6 +437,7 @@ fn untold_passes_load_to_the_end_of_the_current_one() {
         // Told late, the next two passes load ahead across their boundary.
         run.residency.expect_passes(2);
         run.pass(None).unwrap();
+        wait_until_loaded(&run.residency, 4 * 4 + 1);
         run.pass(None).unwrap();
         assert_eq!(run.residency.stats().units_loaded, 5 * 4);
         run.finish();
