@@ -107,6 +107,37 @@ fn policies_make_their_plans() {
     assert_eq!(budget.kind(), PolicyKind::Budget);
 }
 
+/// Plans `units` by `policy` with `scratch_bytes` of room and compares the peak (or the error).
+fn check_scratch(policy: &str, scratch_bytes: u64, expected: Result<(Plan, u64), &str>) {
+    let units = [UnitSpec::resident(5), UnitSpec::streamable(10), UnitSpec::streamable(10), UnitSpec::streamable(10)];
+    let policy: Policy = policy.parse().unwrap();
+    let actual = policy.plan_with_scratch(&units, scratch_bytes);
+    match (actual, expected) {
+        (Ok(plan), Ok((expected_plan, peak))) => {
+            assert_eq!(plan, expected_plan.with_scratch(scratch_bytes), "{policy} with scratch {scratch_bytes}");
+            assert_eq!(plan.peak_weight_bytes(), peak, "{policy} with scratch {scratch_bytes}");
+        }
+        (Err(error), Err(expected)) => assert!(error.to_string().contains(expected), "{policy}: {error}"),
+        (actual, expected) => panic!("{policy} with scratch {scratch_bytes}: got {actual:?}, expected {expected:?}"),
+    }
+}
+
+#[test]
+fn policies_keep_scratch_room() {
+    let units = [UnitSpec::resident(5), UnitSpec::streamable(10), UnitSpec::streamable(10), UnitSpec::streamable(10)];
+    // The fixed policies keep their placement and count the larger of the slots and the scratch.
+    check_scratch("all", 7, Ok((Plan::all(&units), 35 + 7)));
+    check_scratch("sequential", 7, Ok((Plan::sequential(&units), 5 + 10)));
+    check_scratch("sequential", 25, Ok((Plan::sequential(&units), 5 + 25)));
+    check_scratch("stream:1", 25, Ok((Plan::stream(&units, 1), 5 + 25)));
+    check_scratch("stream:9", 0, Ok((Plan::stream(&units, 9), 5 + 30)));
+    // A budget makes room: everything fits in 35 bytes, but not beside 10 bytes of scratch.
+    check_scratch("budget:35:1", 0, Ok((Plan::all(&units), 35)));
+    check_scratch("budget:35:1", 10, Ok((Plan::budget_with_scratch(&units, 35, 1, 10).unwrap(), 35)));
+    check_scratch("budget:24:1", 10, Err("the smallest budget that works is 25 B"));
+    assert_eq!(Policy::All.plan(&units).unwrap(), Policy::All.plan_with_scratch(&units, 0).unwrap());
+}
+
 fn policy() -> impl Strategy<Value = Policy> {
     prop_oneof![
         Just(Policy::All),
