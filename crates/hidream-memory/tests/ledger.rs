@@ -104,16 +104,19 @@ fn slots_are_reserved_and_allocated_once() {
     assert_eq!((loader.allocations(), loader.live_bytes()), (3, 90));
 
     let extra = SlotPool::new(&ledger, &*loader, 1, 11);
-    assert!(matches!(extra, Err(ScheduleError::Residency(ResidencyError::Memory(MemoryError::OverBudget {
-        requested: 11,
-        current: 90,
-        ..
-    })))));
+    assert!(matches!(
+        extra,
+        Err(ScheduleError::Residency(ResidencyError::Memory(MemoryError::OverBudget {
+            requested: 11,
+            current: 90,
+            ..
+        })))
+    ));
     assert_eq!(loader.allocations(), 3, "nothing is allocated before the reservation succeeds");
 
     // Streaming through the slots reserves and allocates nothing more.
-    let mut prefetcher = Prefetcher::new(Arc::clone(&loader), &Config::new(&[30, 20, 30]).specs(), &[0, 1, 2], &slots)
-        .unwrap();
+    let mut prefetcher =
+        Prefetcher::new(Arc::clone(&loader), &Config::new(&[30, 20, 30]).specs(), &[0, 1, 2], &slots).unwrap();
     prefetcher.expect_passes(5);
     for _ in 0..15 {
         let unit = prefetcher.next().unwrap();

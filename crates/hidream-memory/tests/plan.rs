@@ -22,7 +22,10 @@ fn check(units: &str, budget_bytes: u64, prefetch_depth: usize, scratch_bytes: u
         Err(MemoryError::BudgetTooSmall { minimum, .. }) => format!("too small: minimum {minimum}"),
         Err(error) => panic!("unexpected error: {error}"),
     };
-    assert_eq!(actual, expected, "units {units:?}, budget {budget_bytes}, depth {prefetch_depth}, scratch {scratch_bytes}");
+    assert_eq!(
+        actual, expected,
+        "units {units:?}, budget {budget_bytes}, depth {prefetch_depth}, scratch {scratch_bytes}"
+    );
 }
 
 #[test]

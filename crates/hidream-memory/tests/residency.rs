@@ -214,7 +214,10 @@ fn check_passes(setup: Setup, n_passes: usize, expect_passes: bool) {
     let stats = run.residency.stats();
     assert_eq!((stats.units_loaded, stats.units_delivered), (n_passes as u64 * pass_len, n_passes as u64 * pass_len));
     let pass_bytes = setup.plan.streamed_bytes_per_pass();
-    assert_eq!((stats.bytes_loaded, stats.bytes_delivered), (n_passes as u64 * pass_bytes, n_passes as u64 * pass_bytes));
+    assert_eq!(
+        (stats.bytes_loaded, stats.bytes_delivered),
+        (n_passes as u64 * pass_bytes, n_passes as u64 * pass_bytes)
+    );
     assert_eq!(run.loader.loads_started(), resident + stats.units_loaded as usize);
     assert_eq!(run.loader.ready_waits(), resident + stats.units_delivered as usize);
     assert_eq!(run.residency.streams_started(), u64::from(pass_len > 0));
@@ -334,11 +337,10 @@ fn setup() -> impl Strategy<Value = Setup> {
                 }
             };
             let keep = keep.min(plan.n_slots().saturating_sub(1));
-            let mut setup = Setup::new(units, plan)
-                .with_config(|config| {
-                    config.load_delay_us = load_delay_us;
-                    config.device_delay_us = device_delay_us;
-                });
+            let mut setup = Setup::new(units, plan).with_config(|config| {
+                config.load_delay_us = load_delay_us;
+                config.device_delay_us = device_delay_us;
+            });
             setup.budget = budget;
             setup.caller = Caller { compute_delay_us, keep };
             setup
@@ -475,7 +477,8 @@ fn a_wrong_size_is_refused() {
         let units = [vec![UnitSpec::resident(10)], streamable(&[20, 30])].concat();
         let plan = Plan::stream(&units, 1);
         for (unit_idx, planned) in [(0, 10), (2, 30)] {
-            let setup = Setup::new(units.clone(), plan.clone()).with_config(|config| config.wrong_size_unit = Some(unit_idx));
+            let setup =
+                Setup::new(units.clone(), plan.clone()).with_config(|config| config.wrong_size_unit = Some(unit_idx));
             let mismatch = |error: &ScheduleError<FakeError>| {
                 matches!(
                     error,

@@ -126,7 +126,10 @@ fn check_passes(scenario: Scenario, n_passes: usize) {
     let stats = run.prefetcher.stats();
     let pass_len = scenario.order.len() as u64;
     let pass_bytes: u64 = scenario.order.iter().map(|&idx| scenario.unit_bytes[idx]).sum();
-    assert_eq!((stats.units_delivered, stats.bytes_delivered), (n_passes as u64 * pass_len, n_passes as u64 * pass_bytes));
+    assert_eq!(
+        (stats.units_delivered, stats.bytes_delivered),
+        (n_passes as u64 * pass_len, n_passes as u64 * pass_bytes)
+    );
     // Nothing was admitted past the end of the last pass, so nothing loaded for a pass to come.
     assert_eq!((stats.units_loaded, stats.bytes_loaded), (stats.units_delivered, stats.bytes_delivered));
     assert_eq!(run.loader.loads_started(), stats.units_loaded as usize);

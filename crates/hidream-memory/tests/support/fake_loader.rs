@@ -225,7 +225,11 @@ struct State {
 
 enum Task {
     /// The consumer's work with a unit: read its buffer after a delay, expecting that load.
-    Compute { buffer: Arc<BufferCell>, loaded: (usize, u64), delay: Duration },
+    Compute {
+        buffer: Arc<BufferCell>,
+        loaded: (usize, u64),
+        delay: Duration,
+    },
     Signal(Fence),
 }
 
@@ -268,7 +272,10 @@ impl FakeLoader {
     /// and returns what it holds, to compare runs.
     pub fn use_unit(&self, unit_idx: usize, unit: &FakeUnit) -> (usize, u64) {
         assert_eq!(unit.loaded_idx, unit_idx, "the runtime handed out a different unit than it says");
-        assert!(unit.ready.0.waited.load(Ordering::SeqCst), "unit {unit_idx} used before its ready fence was waited on");
+        assert!(
+            unit.ready.0.waited.load(Ordering::SeqCst),
+            "unit {unit_idx} used before its ready fence was waited on"
+        );
         let checksum = {
             let contents = lock(&unit.buffer.contents);
             assert_eq!(contents.loaded, Some((unit_idx, unit.generation)), "unit {unit_idx}'s buffer was overwritten");
