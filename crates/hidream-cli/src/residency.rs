@@ -132,19 +132,19 @@ pub fn report(runner: &TransformerRunner, config: &RunnerConfig, probe: &HeapPro
     let table = runner.table();
     let stats = runner.stats();
     let total: f64 = seconds.iter().sum();
-    let budget = runner.pool().budget_bytes();
+    let budget = runner.ledger().budget_bytes();
     json!({
         "policy": config.policy.kind().as_str(),
         "prefetch": plan.prefetch_depth(),
         "precompute": config.precompute.is_per_prompt(),
         "compute_dtype": config.compute_dtype.as_str(),
         "budget_bytes": budget,
-        "minimum_budget_bytes": hidream_memory::Plan::minimum_budget(table.specs(), plan.prefetch_depth()),
+        "minimum_budget_bytes": runner.minimum_budget(),
         "weight_bytes_total": table.weight_bytes_total(),
         "step_weight_bytes": table.step_bytes(),
         "resident_bytes": plan.resident_bytes(),
         "streamed_bytes_per_forward": plan.streamed_bytes_per_pass(),
-        "peak_weight_bytes": runner.pool().peak_bytes(),
+        "peak_weight_bytes": runner.ledger().peak_bytes(),
         "peak_device_bytes": probe.peak_device_bytes(),
         "forward_heap_peak_delta_bytes": probe.max_forward_delta(),
         "units_streamed": stats.units_delivered,

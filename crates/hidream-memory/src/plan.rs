@@ -132,6 +132,33 @@ impl Plan {
         })
     }
 
+    /// For units that run once (a per-prompt precomputation, a text encoder's layers): every
+    /// streamable unit streams, since keeping one resident would not save a byte, at the deepest
+    /// prefetch up to `prefetch_depth` whose slots fit `budget_bytes` beside the pinned units.
+    /// Fails with [`MemoryError::BudgetTooSmall`] if even one slot does not fit.
+    pub fn single_pass(
+        units: &[UnitSpec],
+        budget_bytes: Option<u64>,
+        prefetch_depth: usize,
+    ) -> Result<Plan, MemoryError> {
+        let widest = Plan::stream(units, prefetch_depth);
+        let Some(budget_bytes) = budget_bytes else {
+            return Ok(widest);
+        };
+        let room = budget_bytes.saturating_sub(widest.resident_bytes);
+        let fitting_slots = if widest.slot_bytes == 0 { usize::MAX } else { (room / widest.slot_bytes) as usize };
+        if widest.resident_bytes > budget_bytes || (widest.n_slots > 0 && fitting_slots == 0) {
+            let minimum = widest.resident_bytes.saturating_add(widest.slot_bytes);
+            return Err(MemoryError::BudgetTooSmall {
+                budget: budget_bytes,
+                minimum,
+                prefetch_depth: 0,
+                minimum_sequential: minimum,
+            });
+        }
+        Ok(Plan::stream(units, prefetch_depth.min(fitting_slots.saturating_sub(1))))
+    }
+
     /// The same placement, keeping `scratch_bytes` of room beside the resident units for work
     /// outside the passes (which [`Plan::peak_weight_bytes`] then counts).
     pub fn with_scratch(mut self, scratch_bytes: u64) -> Plan {

@@ -16,9 +16,9 @@ pub enum PipelineError {
     Model(#[from] hidream_model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    /// The streaming scheduler failed (a unit failed to load, or the worker stopped).
+    /// The residency runtime failed (out of order, a size mismatch, a stopped worker).
     #[error("streaming: {0}")]
-    Schedule(String),
+    Residency(#[from] hidream_memory::ResidencyError),
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

@@ -104,6 +104,7 @@ pub fn denoise(
             Some(prepared)
         }
     };
+    runner.expect_steps(schedule.n_steps());
     let mut sample = noise.to_dtype(DType::F32)?;
     for (step_idx, step_timesteps) in timesteps.iter().enumerate() {
         observe(StepEvent::Start(step_idx));

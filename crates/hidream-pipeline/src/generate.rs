@@ -333,6 +333,7 @@ pub fn generate(
     } else {
         None
     };
+    runner.expect_steps((0..steps).filter(|&step_idx| scheduler.uses_model_output(step_idx)).count());
     let mut latents = latents;
     let mut noise_rng = StdRng::seed_from_u64(request.seed.wrapping_add(1));
     for (step_idx, step_timestep) in step_timesteps.iter().enumerate() {

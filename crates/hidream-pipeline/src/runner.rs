@@ -23,16 +23,18 @@ mod provider;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use hidream_config::{SizeModel, TransformerConfig, Unit};
-use hidream_memory::{DevicePool, Plan, Policy, PrefetchStats, Prefetcher, Reservation, UnitLoader};
+use hidream_config::{SizeModel, TransformerConfig};
+use hidream_memory::{
+    BudgetLedger, DEFAULT_PREFETCH_DEPTH, Plan, Policy, PrefetchStats, Residency, ScheduleError, UnitSpec,
+};
 use hidream_model::{
     AttentionConfig, HiDreamTransformer, Modulation, StepInputs, StepModulation, TextTokens, TransformerInputs,
     caption_input,
 };
 use hidream_weights::Checkpoint;
 
-pub use loader::{CheckpointLoader, LoadedUnit};
-use provider::StreamingUnits;
+pub use loader::{CheckpointLoader, LoadedUnit, Part};
+use provider::PassUnits;
 
 use crate::units::{Precompute, UnitTable};
 use crate::{PipelineError, Result};
@@ -67,64 +69,56 @@ impl Prepared {
     }
 }
 
-/// The transformer, its resident units, and the scheduler for the streamed ones.
+/// The transformer, its resident units, and the stream of the others: one residency runtime for
+/// the steps, and one per prompt for the precomputation.
 pub struct TransformerRunner {
     cfg: TransformerConfig,
     config: RunnerConfig,
-    plan: Plan,
-    pool: Arc<DevicePool>,
-    loader: Arc<CheckpointLoader>,
+    checkpoint: Checkpoint,
+    device: Device,
+    table: UnitTable,
+    steps: Residency<CheckpointLoader>,
     transformer: HiDreamTransformer,
-    /// The resident units by table index (`None` for streamed units and the embedders, which live
-    /// in `transformer`), each with its pool reservation.
-    resident: Vec<Option<LoadedUnit>>,
-    _reservations: Vec<Reservation>,
-    prefetcher: Option<Prefetcher<CheckpointLoader>>,
-    /// Statistics of prefetchers already dropped (one per `prepare`).
-    past_stats: PrefetchStats,
+    /// The plan of the last precomputation, and the loading figures of every one so far.
+    prepare_plan: Option<Plan>,
+    prepare_stats: PrefetchStats,
 }
 
 impl TransformerRunner {
     /// Opens the plan for `checkpoint` under `config` and loads the resident units.
+    ///
+    /// With the per-prompt precomputation, the plan keeps room for its largest layer beside the
+    /// resident units (the steps' slots are free while it runs), so that a budget the plan accepts
+    /// also holds the precomputation.
     pub fn new(checkpoint: Checkpoint, device: &Device, config: RunnerConfig) -> Result<Self> {
         let cfg = checkpoint.config()?;
         checkpoint.validate(&SizeModel::new(&cfg))?;
         let table = UnitTable::new(&cfg, config.compute_dtype, config.precompute);
-        let plan = config.policy.plan(table.specs())?;
-        let budget = match config.policy {
-            Policy::Budget { budget_bytes, .. } => Some(budget_bytes),
-            _ => None,
-        };
-        let pool = Arc::new(DevicePool::new(budget));
         let dtype = candle_dtype(config.compute_dtype);
-        let loader = Arc::new(CheckpointLoader::new(checkpoint, cfg.clone(), table, dtype, device.clone()));
-
-        let table = loader.table();
-        let mut resident: Vec<Option<LoadedUnit>> = (0..table.units().len()).map(|_| None).collect();
-        let mut reservations = Vec::with_capacity(plan.resident().len());
-        let mut embedders = None;
-        for &unit_idx in plan.resident() {
-            let unit = table.units()[unit_idx];
-            reservations.push(pool.try_reserve(table.specs()[unit_idx].bytes, &unit.to_string())?);
-            match loader.load(unit_idx)? {
-                LoadedUnit::Embedders(loaded) => embedders = Some(loaded),
-                other => resident[unit_idx] = Some(other),
-            }
-        }
-        let embedders = embedders.ok_or_else(|| PipelineError::invalid("plan", "the embedders are not resident"))?;
+        let scratch_bytes = prepare_scratch_bytes(&cfg, config.compute_dtype, config.precompute);
+        let plan = config.policy.plan_with_scratch(table.specs(), scratch_bytes)?;
+        let ledger = Arc::new(BudgetLedger::new(config.policy.budget_bytes()));
+        let loader = CheckpointLoader::for_steps(checkpoint.clone(), cfg.clone(), &table, dtype, device.clone())?;
+        let steps = Residency::new(Arc::new(loader), table.specs(), plan, ledger).map_err(ScheduleError::into_error)?;
+        let embedders = table
+            .index_of(hidream_config::Unit::Embedders)
+            .and_then(|unit_idx| match steps.resident(unit_idx) {
+                Some(LoadedUnit::Embedders(embedders)) => Some(embedders.clone()),
+                _ => None,
+            })
+            .ok_or_else(|| PipelineError::invalid("plan", "the embedders are not resident"))?;
         let mut transformer = HiDreamTransformer::from_embedders(&cfg, embedders);
         transformer.set_attention(config.attention);
         Ok(Self {
             cfg,
             config,
-            plan,
-            pool,
-            loader,
+            checkpoint,
+            device: device.clone(),
+            table,
+            steps,
             transformer,
-            resident,
-            _reservations: reservations,
-            prefetcher: None,
-            past_stats: PrefetchStats::default(),
+            prepare_plan: None,
+            prepare_stats: PrefetchStats::default(),
         })
     }
 
@@ -136,28 +130,49 @@ impl TransformerRunner {
         &self.config
     }
 
-    /// The residency plan.
+    /// The residency plan of the steps.
     pub fn plan(&self) -> &Plan {
-        &self.plan
+        self.steps.plan()
+    }
+
+    /// The plan of the last per-prompt precomputation, if one ran.
+    pub fn prepare_plan(&self) -> Option<&Plan> {
+        self.prepare_plan.as_ref()
     }
 
     /// The units of one step and their bytes.
     pub fn table(&self) -> &UnitTable {
-        self.loader.table()
+        &self.table
     }
 
-    /// The device pool's accounting (current and peak weight bytes).
-    pub fn pool(&self) -> &DevicePool {
-        &self.pool
+    /// The budget ledger: current and peak weight bytes reserved on the device tier, over the
+    /// steps and the precomputation. These are planned bytes; the heap is measured elsewhere.
+    pub fn ledger(&self) -> &BudgetLedger {
+        self.steps.ledger()
     }
 
-    /// Loading statistics over the runner's life.
+    /// Loading statistics of the steps over the runner's life.
     pub fn stats(&self) -> PrefetchStats {
-        let mut stats = self.past_stats;
-        if let Some(prefetcher) = &self.prefetcher {
-            add_stats(&mut stats, &prefetcher.stats());
-        }
-        stats
+        self.steps.stats()
+    }
+
+    /// Loading statistics of every per-prompt precomputation so far.
+    pub fn prepare_stats(&self) -> PrefetchStats {
+        self.prepare_stats
+    }
+
+    /// The smallest budget under which this runner's plan works, at its prefetch depth, with the
+    /// room the precomputation needs: one byte less is refused.
+    pub fn minimum_budget(&self) -> u64 {
+        let plan = self.steps.plan();
+        let depth = plan.requested_prefetch_depth().unwrap_or(plan.prefetch_depth());
+        minimum_budget(&self.cfg, self.config.compute_dtype, self.config.precompute, depth)
+    }
+
+    /// Says that `n_steps` forwards will run from now: the stream loads the next step's first
+    /// blocks while a step ends, and nothing after the last step.
+    pub fn expect_steps(&mut self, n_steps: usize) {
+        self.steps.expect_passes(n_steps as u64);
     }
 
     /// One forward with the caption projections and modulation inside, as diffusers runs it.
@@ -170,14 +185,14 @@ impl TransformerRunner {
             ));
         }
         inputs.validate(&self.cfg)?;
-        self.ensure_prefetcher()?;
         let dtype = self.transformer.dtype();
-        let mut units = StreamingUnits::new(self.loader.table(), &self.resident, self.prefetcher.as_mut());
+        let mut pass = self.steps.pass().map_err(ScheduleError::into_error)?;
+        let mut units = PassUnits::new(&mut pass, &self.table);
         let mut projected = Vec::with_capacity(self.cfg.n_blocks() + 1);
         for idx in 0..=self.cfg.n_blocks() {
             let input =
                 caption_input(&self.cfg, idx, &inputs.encoder_hidden_states_t5, &inputs.encoder_hidden_states_llama3)?;
-            let projection = units.sources.caption(idx)?;
+            let projection = units.caption(idx)?;
             projected.push(projection.forward(&input, dtype)?);
         }
         let text = TextTokens::from_projections(projected)?;
@@ -193,8 +208,10 @@ impl TransformerRunner {
     }
 
     /// Computes once what the prompt and the schedule determine: the caption projections and
-    /// every block's modulation for each step's `timesteps` (`[B]` each). Loads one projection or
-    /// modulation layer at a time, each accounted in the pool.
+    /// every block's modulation for each step's `timesteps` (`[B]` each).
+    ///
+    /// The steps' slots are freed first, and the layers stream once through a runtime of their
+    /// own, in the room the plan kept for them, loading ahead as deep as that room allows.
     pub fn prepare(
         &mut self,
         encoder_hidden_states_t5: &Tensor,
@@ -202,48 +219,30 @@ impl TransformerRunner {
         pooled_embeds: &Tensor,
         timesteps: &[Tensor],
     ) -> Result<Prepared> {
-        // Free the streaming slots: preparation loads its own layers, one at a time.
-        if let Some(prefetcher) = self.prefetcher.take() {
-            add_stats(&mut self.past_stats, &prefetcher.stats());
-        }
+        self.steps.release_slots();
         let cfg = self.cfg.clone();
         let dtype = self.transformer.dtype();
-        let sizes = SizeModel::new(&cfg);
-        let mut projected = Vec::with_capacity(cfg.n_blocks() + 1);
-        for idx in 0..=cfg.n_blocks() {
-            let unit = Unit::CaptionProjection(idx);
-            let _reservation =
-                self.pool.try_reserve(sizes.unit_size(unit).bytes(self.config.compute_dtype), &unit.to_string())?;
-            let LoadedUnit::Caption(projection) = self.loader.load_unit(unit)? else {
-                return Err(PipelineError::invalid(unit.to_string(), "did not load as a caption projection"));
-            };
-            let input = caption_input(&cfg, idx, encoder_hidden_states_t5, encoder_hidden_states_llama3)?;
-            projected.push(projection.forward(&input, dtype)?);
-        }
-        let text = TextTokens::from_projections(projected)?;
-
-        let tembs = timesteps
-            .iter()
-            .map(|t| self.transformer.temb(t, pooled_embeds))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let mut modulation: Vec<StepModulation> =
-            tembs.iter().map(|_| StepModulation { double: Vec::new(), single: Vec::new() }).collect();
-        let blocks =
-            (0..cfg.num_layers).map(Unit::DoubleBlock).chain((0..cfg.num_single_layers).map(Unit::SingleBlock));
-        for unit in blocks {
-            let size = sizes.unit_size(unit);
-            let bytes = (size.modulation_params * self.config.compute_dtype.size_in_bytes()) as u64;
-            let _reservation = self.pool.try_reserve(bytes, &format!("{unit}.adaLN_modulation"))?;
-            let layer = self.loader.load_modulation(unit)?;
-            for (step, temb) in modulation.iter_mut().zip(&tembs) {
-                let vectors = layer.forward(temb)?;
-                match unit {
-                    Unit::DoubleBlock(_) => step.double.push(vectors),
-                    _ => step.single.push(vectors),
-                }
-            }
-        }
-        Ok(Prepared { text, pooled_embeds: pooled_embeds.clone(), timesteps: timesteps.to_vec(), modulation })
+        let loader = CheckpointLoader::for_prepare(self.checkpoint.clone(), cfg.clone(), dtype, self.device.clone())?;
+        let specs = prepare_specs(&cfg, self.config.compute_dtype);
+        let ledger = Arc::clone(self.steps.ledger());
+        let room = ledger.budget_bytes().map(|budget| budget.saturating_sub(ledger.current_bytes()));
+        let depth = match self.config.policy {
+            Policy::Sequential => 0,
+            Policy::All => DEFAULT_PREFETCH_DEPTH,
+            Policy::Stream { prefetch } | Policy::Budget { prefetch, .. } => prefetch,
+        };
+        let plan = Plan::single_pass(&specs, room, depth)?;
+        self.prepare_plan = Some(plan.clone());
+        let mut layers = Residency::new(Arc::new(loader), &specs, plan, ledger).map_err(ScheduleError::into_error)?;
+        let inputs = PrepareInputs {
+            t5: encoder_hidden_states_t5,
+            llama3: encoder_hidden_states_llama3,
+            pooled_embeds,
+            timesteps,
+        };
+        let result = prepare_pass(&mut layers, &cfg, &self.transformer, inputs);
+        self.prepare_stats.add(&layers.stats());
+        result
     }
 
     /// Step `step_idx` of a prepared schedule on `hidden_states` (`[B, C, H, W]`).
@@ -255,8 +254,8 @@ impl TransformerRunner {
                 format!("the schedule was prepared for {} steps", prepared.timesteps.len()),
             ));
         };
-        self.ensure_prefetcher()?;
-        let mut units = StreamingUnits::new(self.loader.table(), &self.resident, self.prefetcher.as_mut());
+        let mut pass = self.steps.pass().map_err(ScheduleError::into_error)?;
+        let mut units = PassUnits::new(&mut pass, &self.table);
         let step = StepInputs {
             hidden_states,
             timesteps,
@@ -267,22 +266,99 @@ impl TransformerRunner {
         let result = self.transformer.forward(&step, &mut units);
         finish(result, units.error)
     }
+}
 
-    /// Starts the prefetcher if the plan streams anything and none runs.
-    fn ensure_prefetcher(&mut self) -> Result<()> {
-        if self.prefetcher.is_none() && !self.plan.streamed().is_empty() {
-            let specs = self.loader.table().specs().to_vec();
-            self.prefetcher = Some(Prefetcher::from_plan(Arc::clone(&self.loader), &specs, &self.plan, &self.pool)?);
-        }
-        Ok(())
+/// What the precomputation reads.
+struct PrepareInputs<'a> {
+    t5: &'a Tensor,
+    llama3: &'a Tensor,
+    pooled_embeds: &'a Tensor,
+    timesteps: &'a [Tensor],
+}
+
+/// The room the plan keeps for the per-prompt precomputation: its largest layer, which it must be
+/// able to load beside the resident units; 0 without the precomputation.
+pub fn prepare_scratch_bytes(cfg: &TransformerConfig, dtype: hidream_config::DType, precompute: Precompute) -> u64 {
+    match precompute {
+        Precompute::PerPrompt => prepare_specs(cfg, dtype).iter().map(|spec| spec.bytes).max().unwrap_or(0),
+        Precompute::PerStep => 0,
     }
+}
+
+/// The smallest budget under which a runner of `cfg` works at `prefetch`, counting the room the
+/// precomputation needs: one byte less is refused with [`hidream_memory::MemoryError::BudgetTooSmall`].
+pub fn minimum_budget(
+    cfg: &TransformerConfig,
+    dtype: hidream_config::DType,
+    precompute: Precompute,
+    prefetch: usize,
+) -> u64 {
+    let table = UnitTable::new(cfg, dtype, precompute);
+    Plan::minimum_budget_with_scratch(table.specs(), prefetch, prepare_scratch_bytes(cfg, dtype, precompute))
+}
+
+/// The precomputation's layers, as [`CheckpointLoader::for_prepare`] lists them, with their bytes.
+fn prepare_specs(cfg: &TransformerConfig, dtype: hidream_config::DType) -> Vec<UnitSpec> {
+    let sizes = SizeModel::new(cfg);
+    let captions =
+        (0..=cfg.n_blocks()).map(|idx| sizes.unit_size(hidream_config::Unit::CaptionProjection(idx)).bytes(dtype));
+    let blocks = (0..cfg.num_layers)
+        .map(hidream_config::Unit::DoubleBlock)
+        .chain((0..cfg.num_single_layers).map(hidream_config::Unit::SingleBlock))
+        .map(|unit| (sizes.unit_size(unit).modulation_params * dtype.size_in_bytes()) as u64);
+    captions.chain(blocks).map(UnitSpec::streamable).collect()
+}
+
+/// One pass over the precomputation's layers: caption projections, then modulation.
+fn prepare_pass(
+    layers: &mut Residency<CheckpointLoader>,
+    cfg: &TransformerConfig,
+    transformer: &HiDreamTransformer,
+    inputs: PrepareInputs<'_>,
+) -> Result<Prepared> {
+    let dtype = transformer.dtype();
+    layers.expect_passes(1);
+    let mut pass = layers.pass().map_err(ScheduleError::into_error)?;
+    let n_captions = cfg.n_blocks() + 1;
+    let mut projected = Vec::with_capacity(n_captions);
+    for idx in 0..n_captions {
+        let input = caption_input(cfg, idx, inputs.t5, inputs.llama3)?;
+        let unit = pass.unit(idx).map_err(ScheduleError::into_error)?;
+        let LoadedUnit::Caption(projection) = &*unit else {
+            return Err(PipelineError::invalid(format!("caption projection {idx}"), "loaded as another kind"));
+        };
+        projected.push(projection.forward(&input, dtype)?);
+    }
+    let text = TextTokens::from_projections(projected)?;
+    let tembs = inputs
+        .timesteps
+        .iter()
+        .map(|t| transformer.temb(t, inputs.pooled_embeds))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut modulation: Vec<StepModulation> =
+        tembs.iter().map(|_| StepModulation { double: Vec::new(), single: Vec::new() }).collect();
+    for block_idx in 0..cfg.n_blocks() {
+        let unit = pass.unit(n_captions + block_idx).map_err(ScheduleError::into_error)?;
+        let LoadedUnit::Modulation(layer) = &*unit else {
+            return Err(PipelineError::invalid(format!("block {block_idx}'s modulation"), "loaded as another kind"));
+        };
+        for (step, temb) in modulation.iter_mut().zip(&tembs) {
+            let vectors = layer.forward(temb)?;
+            if block_idx < cfg.num_layers {
+                step.double.push(vectors);
+            } else {
+                step.single.push(vectors);
+            }
+        }
+    }
+    Ok(Prepared { text, pooled_embeds: inputs.pooled_embeds.clone(), timesteps: inputs.timesteps.to_vec(), modulation })
 }
 
 impl std::fmt::Debug for TransformerRunner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TransformerRunner")
             .field("config", &self.config)
-            .field("plan", &self.plan)
+            .field("plan", self.steps.plan())
             .finish_non_exhaustive()
     }
 }
@@ -294,15 +370,6 @@ fn finish(result: hidream_model::Result<Tensor>, streaming_error: Option<Pipelin
         (Err(_), Some(err)) => Err(err),
         (Err(err), None) => Err(err.into()),
     }
-}
-
-fn add_stats(total: &mut PrefetchStats, more: &PrefetchStats) {
-    total.units_loaded += more.units_loaded;
-    total.bytes_loaded += more.bytes_loaded;
-    total.load_time += more.load_time;
-    total.units_delivered += more.units_delivered;
-    total.bytes_delivered += more.bytes_delivered;
-    total.stall_time += more.stall_time;
 }
 
 /// The candle dtype of a config dtype.

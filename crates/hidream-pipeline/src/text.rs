@@ -93,20 +93,21 @@ pub fn encode_prompts(
     encode_prompts_under(paths, prompts, dtype, device, hidream_memory::Policy::All)
 }
 
-/// [`encode_prompts`] with Llama-8B's layers placed by `llama_policy` (streamed through the
-/// memory scheduler under a budget); the result is bit-identical whatever the policy.
+/// [`encode_prompts`] with the layers of T5 and Llama placed by `policy` (streamed through the
+/// residency runtime under a budget); the result is bit-identical whatever the policy.
 pub fn encode_prompts_under(
     paths: &TextEncoderPaths,
     prompts: &[&str],
     dtype: DType,
     device: &Device,
-    llama_policy: hidream_memory::Policy,
+    policy: hidream_memory::Policy,
 ) -> Result<PromptEmbeds> {
     let clip_l = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, dtype, device)?.encode(prompts)?;
     let clip_g = ClipTextEncoder::load(&paths.clip_g, &paths.clip_g_tokenizer, dtype, device)?.encode(prompts)?;
     let pooled = Tensor::cat(&[clip_l, clip_g], 1)?;
-    let t5 = T5TextEncoder::load(&paths.t5, &paths.t5_tokenizer, dtype, device)?.encode(prompts)?;
-    let llama = streamed::encode_llama_streamed(&paths.llama, prompts, llama_policy, dtype, device)?.hidden_states;
+    let t5 =
+        streamed::encode_t5_streamed(&paths.t5, &paths.t5_tokenizer, prompts, policy, dtype, device)?.hidden_states;
+    let llama = streamed::encode_llama_streamed(&paths.llama, prompts, policy, dtype, device)?.hidden_states;
     Ok(PromptEmbeds { pooled, t5, llama })
 }
 

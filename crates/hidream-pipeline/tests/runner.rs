@@ -1,12 +1,13 @@
 //! The transformer under every memory policy: outputs bit-identical to the all-resident model,
-//! budgets respected, and a too-small budget refused with its exact minimum.
+//! budgets respected, a too-small budget refused with its exact minimum, the edge of the budget
+//! accepted, and the runtime recovering from an error in the middle of a pass.
 
 use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use hidream_config::TransformerConfig;
-use hidream_memory::{MemoryError, Plan, Policy};
+use hidream_memory::{MemoryError, Policy};
 use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs};
 use hidream_pipeline::euler::{EulerSchedule, StepEvent, TextConditioning, denoise};
 use hidream_pipeline::runner::{RunnerConfig, TransformerRunner};
@@ -46,6 +47,10 @@ fn bits(tensor: &Tensor) -> Result<Vec<u32>> {
     Ok(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
 }
 
+fn minimum_budget(cfg: &TransformerConfig, precompute: Precompute, prefetch: usize) -> u64 {
+    hidream_pipeline::runner::minimum_budget(cfg, hidream_config::DType::F32, precompute, prefetch)
+}
+
 fn text(inputs: &TransformerInputs) -> TextConditioning {
     TextConditioning {
         encoder_hidden_states_t5: inputs.encoder_hidden_states_t5.clone(),
@@ -66,10 +71,12 @@ fn policies(fixture: &Fixture, precompute: Precompute) -> Vec<Policy> {
         Policy::Budget { budget_bytes: total, prefetch: 1 },
     ];
     for prefetch in [0, 1, 2] {
-        let minimum = Plan::minimum_budget(table.specs(), prefetch);
+        let minimum = minimum_budget(&fixture.cfg, precompute, prefetch);
         policies.push(Policy::Budget { budget_bytes: minimum, prefetch });
         policies.push(Policy::Budget { budget_bytes: minimum + table.specs()[1].bytes, prefetch });
     }
+    // The edge: exactly the bytes one step needs.
+    policies.push(Policy::Budget { budget_bytes: table.step_bytes(), prefetch: 1 });
     policies
 }
 
@@ -85,10 +92,15 @@ fn single_forward_is_bit_identical_under_every_policy() -> Result<()> {
             let out = runner.forward(&fixture.inputs)?;
             assert!(bits(&out)? == reference, "{policy} (forward {repeat}) differs from the resident model");
         }
-        if let Some(budget) = runner.pool().budget_bytes() {
-            assert!(runner.pool().peak_bytes() <= budget, "{policy}: peak {} > budget", runner.pool().peak_bytes());
+        if let Some(budget) = runner.ledger().budget_bytes() {
+            let peak = runner.ledger().peak_bytes();
+            assert!(peak <= budget, "{policy}: peak {peak} > budget");
         }
-        assert_eq!(runner.pool().peak_bytes(), runner.plan().peak_weight_bytes(), "{policy}");
+        // Every load's bytes were checked against its unit's planned size by the runtime (a
+        // mismatch is an error); here the figures of a whole forward agree with the table too.
+        let streamed: u64 = runner.plan().streamed().iter().map(|&idx| runner.table().specs()[idx].bytes).sum();
+        assert_eq!(runner.stats().bytes_delivered, 2 * streamed, "{policy}");
+        assert_eq!(runner.stats().units_loaded, runner.stats().units_delivered, "{policy}: a load was wasted");
     }
     Ok(())
 }
@@ -118,12 +130,13 @@ fn denoising_is_bit_identical_under_every_policy_and_precomputation() -> Result<
             if precompute == Precompute::PerPrompt {
                 assert!(timings.prepared_bytes > 0);
             }
-            if let Some(budget) = runner.pool().budget_bytes() {
-                assert!(runner.pool().peak_bytes() <= budget, "{policy} {precompute:?}: over budget");
+            if let Some(budget) = runner.ledger().budget_bytes() {
+                assert!(runner.ledger().peak_bytes() <= budget, "{policy} {precompute:?}: over budget");
             }
-            // Every streamed unit was delivered once per step.
+            // Every streamed unit was delivered once per step, and nothing loaded for a fourth.
             let streamed = runner.plan().streamed().len() as u64;
             assert_eq!(runner.stats().units_delivered, 3 * streamed, "{policy} {precompute:?}");
+            assert_eq!(runner.stats().units_loaded, 3 * streamed, "{policy} {precompute:?}: a load was wasted");
         }
     }
     Ok(())
@@ -134,8 +147,7 @@ fn denoising_is_bit_identical_under_every_policy_and_precomputation() -> Result<
 fn budget_below_the_minimum_is_a_typed_error() -> Result<()> {
     let fixture = fixture()?;
     for precompute in [Precompute::PerStep, Precompute::PerPrompt] {
-        let table = UnitTable::new(&fixture.cfg, hidream_config::DType::F32, precompute);
-        let minimum = Plan::minimum_budget(table.specs(), 1);
+        let minimum = minimum_budget(&fixture.cfg, precompute, 1);
         match runner(&fixture, Policy::Budget { budget_bytes: minimum - 1, prefetch: 1 }, precompute) {
             Err(PipelineError::Memory(MemoryError::BudgetTooSmall { minimum: reported, .. })) => {
                 assert_eq!(reported, minimum)
@@ -143,6 +155,81 @@ fn budget_below_the_minimum_is_a_typed_error() -> Result<()> {
             other => panic!("expected BudgetTooSmall, got {other:?}"),
         }
         runner(&fixture, Policy::Budget { budget_bytes: minimum, prefetch: 1 }, precompute)?;
+    }
+    Ok(())
+}
+
+/// A budget of exactly the bytes of one step works, with the precomputation too, whose layers
+/// need room of their own beside the resident units.
+#[test]
+fn a_budget_of_exactly_the_step_bytes_runs() -> Result<()> {
+    let fixture = fixture()?;
+    let schedule = EulerSchedule::linear(2)?;
+    for precompute in [Precompute::PerStep, Precompute::PerPrompt] {
+        let table = UnitTable::new(&fixture.cfg, hidream_config::DType::F32, precompute);
+        let budget_bytes = table.step_bytes();
+        let mut runner = runner(&fixture, Policy::Budget { budget_bytes, prefetch: 1 }, precompute)?;
+        denoise(&mut runner, &fixture.inputs.hidden_states, &text(&fixture.inputs), &schedule, |_| {})?;
+        assert!(runner.ledger().peak_bytes() <= budget_bytes, "{precompute:?}");
+    }
+    Ok(())
+}
+
+/// A prefetch deeper than a pass is clamped: no duplicate loads, and the ledger stays true.
+#[test]
+fn a_prefetch_deeper_than_the_pass_is_clamped() -> Result<()> {
+    let fixture = fixture()?;
+    let mut runner = runner(&fixture, Policy::Stream { prefetch: 100_000 }, Precompute::PerStep)?;
+    let n_streamed = runner.plan().streamed().len();
+    assert_eq!(runner.plan().prefetch_depth(), n_streamed - 1);
+    assert_eq!(runner.plan().requested_prefetch_depth(), Some(100_000));
+    runner.forward(&fixture.inputs)?;
+    let slot_bytes = runner.plan().slot_bytes();
+    assert_eq!(runner.ledger().peak_bytes(), runner.plan().resident_bytes() + n_streamed as u64 * slot_bytes);
+    assert_eq!(runner.stats().units_loaded, n_streamed as u64);
+    Ok(())
+}
+
+/// A forward that fails in the middle of a pass (at block k, after k blocks were streamed)
+/// leaves the runner working: the next forward starts a fresh pass and is bit-identical to a
+/// fresh runner's.
+#[test]
+fn a_forward_that_fails_mid_pass_leaves_the_runner_working() -> Result<()> {
+    let fixture = fixture()?;
+    let text = text(&fixture.inputs);
+    let batch = fixture.inputs.hidden_states.dim(0)?;
+    let timesteps = vec![Tensor::full(500f32, batch, &Device::Cpu)?];
+    let prepare = |runner: &mut TransformerRunner| {
+        runner.prepare(
+            &text.encoder_hidden_states_t5,
+            &text.encoder_hidden_states_llama3,
+            &text.pooled_embeds,
+            &timesteps,
+        )
+    };
+    let hidden = &fixture.inputs.hidden_states;
+    let mut fresh = runner(&fixture, Policy::Stream { prefetch: 2 }, Precompute::PerPrompt)?;
+    let prepared = prepare(&mut fresh)?;
+    let expected = bits(&fresh.forward_prepared(&prepared, 0, hidden)?)?;
+    for fail_at_block in [0, 1, fixture.cfg.num_layers] {
+        for policy in [Policy::Sequential, Policy::Stream { prefetch: 2 }] {
+            let mut runner = runner(&fixture, policy, Precompute::PerPrompt)?;
+            let prepared = prepare(&mut runner)?;
+            // The caller's error: a prepared state that lacks the modulation of block k onwards.
+            let mut broken = prepared.clone();
+            for step in &mut broken.modulation {
+                let n_double = fail_at_block.min(step.double.len());
+                step.double.truncate(n_double);
+                step.single.truncate(fail_at_block - n_double);
+            }
+            assert!(runner.forward_prepared(&broken, 0, hidden).is_err(), "{policy}: block {fail_at_block}");
+            // Another caller's error: a batch that does not match the prepared state.
+            assert!(runner.forward_prepared(&prepared, 0, &hidden.narrow(0, 0, 1)?).is_err(), "{policy}");
+            for repeat in 0..2 {
+                let out = bits(&runner.forward_prepared(&prepared, 0, hidden)?)?;
+                assert!(out == expected, "{policy}: failed at block {fail_at_block}, forward {repeat} differs");
+            }
+        }
     }
     Ok(())
 }

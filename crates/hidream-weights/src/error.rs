@@ -113,6 +113,17 @@ pub enum WeightsError {
     #[error("cannot convert tensor `{tensor}` of {file}: {source}")]
     Candle { file: PathBuf, tensor: String, source: Box<candle_core::Error> },
 
+    /// A unit's tensors do not fit the buffer they are loaded into.
+    #[error(
+        "tensor `{tensor}` of {file} does not fit its unit buffer: it needs {needed} more bytes at byte {offset}, \
+         the buffer holds {capacity}; the buffer was sized from a different size model than the checkpoint"
+    )]
+    BufferTooSmall { file: PathBuf, tensor: String, offset: u64, needed: u64, capacity: u64 },
+
+    /// A unit buffer of a dtype weights cannot be converted to.
+    #[error("a unit buffer of {dtype:?} cannot hold weights: use f32, f16 or bf16")]
+    BufferDtype { dtype: candle_core::DType },
+
     /// The safetensors crate rejected a file this crate reads or writes.
     #[error("safetensors rejected {file}: {source}; if reading, the file is corrupt: re-download it")]
     Safetensors { file: PathBuf, source: safetensors::SafeTensorError },

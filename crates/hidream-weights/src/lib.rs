@@ -34,10 +34,12 @@ mod header;
 mod inputs;
 mod mmap;
 mod synth;
+mod unit_buffer;
 mod var_builder;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use error::{Result, WeightsError};
 pub use inputs::{InputSpec, read_tensors, synthetic_inputs, write_tensors};
 pub use synth::{SynthOptions, SynthSummary, write_synthetic};
+pub use unit_buffer::{LoadedTensors, UnitBuffer};
 pub use var_builder::unit_var_builder;

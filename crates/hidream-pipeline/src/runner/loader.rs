@@ -1,110 +1,209 @@
-//! Loading HiDream units from a checkpoint: the memory crate's `UnitLoader` for the transformer.
+//! Loading HiDream units from a checkpoint into unit buffers: the memory crate's `UnitLoader` for
+//! the transformer, both for the units of a step and for the layers of the per-prompt
+//! precomputation.
 
-use std::collections::HashMap;
-
-use candle_core::{DType, Device, Tensor};
-use hidream_config::{TransformerConfig, Unit};
-use hidream_memory::UnitLoader;
+use candle_core::{DType, Device};
+use hidream_config::{SizeModel, TransformerConfig, Unit};
+use hidream_memory::{Ready, SlotBuffer, UnitLoader, UnitSpec};
 use hidream_model::{BlockModulation, DoubleStreamBlock, Embedders, SingleStreamBlock, TextProjection};
-use hidream_weights::Checkpoint;
+use hidream_weights::{Checkpoint, UnitBuffer};
 
 use crate::units::{UnitTable, modulation_prefix};
 use crate::{PipelineError, Result};
 
-/// A unit materialised on the device tier in the compute dtype.
+/// A unit materialised on the device tier in the compute dtype, as views into its buffer.
 #[derive(Debug)]
 pub enum LoadedUnit {
     Embedders(Embedders),
     Caption(TextProjection),
     Double(DoubleStreamBlock),
     Single(SingleStreamBlock),
+    /// A block's adaLN modulation layer alone, for the per-prompt precomputation.
+    Modulation(BlockModulation),
 }
 
-/// Loads the units of a [`UnitTable`] from a memory-mapped checkpoint, converting to the compute
-/// dtype on the way. With per-prompt precomputation, blocks load without their modulation weights.
+/// What one loadable part of the checkpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// Every tensor of the unit.
+    Whole(Unit),
+    /// A block without its adaLN modulation weights (they are precomputed).
+    WithoutModulation(Unit),
+    /// Only a block's adaLN modulation layer.
+    Modulation(Unit),
+}
+
+impl Part {
+    fn unit(self) -> Unit {
+        match self {
+            Part::Whole(unit) | Part::WithoutModulation(unit) | Part::Modulation(unit) => unit,
+        }
+    }
+}
+
+/// Loads the parts of a list (a step's units, or the precomputation's layers) from a
+/// memory-mapped checkpoint into unit buffers, converting to the compute dtype on the way.
 #[derive(Debug)]
 pub struct CheckpointLoader {
     checkpoint: Checkpoint,
     cfg: TransformerConfig,
-    table: UnitTable,
+    parts: Vec<Part>,
+    /// The checkpoint keys of each part, in the order they are laid out in its buffer.
+    names: Vec<Vec<String>>,
     dtype: DType,
     device: Device,
 }
 
 impl CheckpointLoader {
-    pub fn new(checkpoint: Checkpoint, cfg: TransformerConfig, table: UnitTable, dtype: DType, device: Device) -> Self {
-        Self { checkpoint, cfg, table, dtype, device }
+    /// A loader of the units of `table`.
+    pub fn for_steps(
+        checkpoint: Checkpoint,
+        cfg: TransformerConfig,
+        table: &UnitTable,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let per_prompt = table.precompute().is_per_prompt();
+        let parts = table
+            .units()
+            .iter()
+            .map(|&unit| match unit {
+                Unit::DoubleBlock(_) | Unit::SingleBlock(_) if per_prompt => Part::WithoutModulation(unit),
+                _ => Part::Whole(unit),
+            })
+            .collect();
+        Self::new(checkpoint, cfg, parts, dtype, device)
     }
 
-    pub fn table(&self) -> &UnitTable {
-        &self.table
+    /// A loader of the per-prompt precomputation's layers: every caption projection, then every
+    /// block's modulation layer, in forward order.
+    pub fn for_prepare(checkpoint: Checkpoint, cfg: TransformerConfig, dtype: DType, device: Device) -> Result<Self> {
+        let captions = (0..=cfg.n_blocks()).map(|idx| Part::Whole(Unit::CaptionProjection(idx)));
+        let blocks =
+            (0..cfg.num_layers).map(Unit::DoubleBlock).chain((0..cfg.num_single_layers).map(Unit::SingleBlock));
+        let parts = captions.chain(blocks.map(Part::Modulation)).collect();
+        Self::new(checkpoint, cfg, parts, dtype, device)
     }
 
-    /// Loads `unit` as a step runs it.
-    pub fn load_unit(&self, unit: Unit) -> Result<LoadedUnit> {
-        let strip = self.table.precompute().is_per_prompt().then(|| modulation_prefix(unit)).flatten();
-        let tensors = self.tensors(&unit.prefixes(), |name| strip.as_ref().is_none_or(|p| !name.starts_with(p)))?;
-        let vb = hidream_weights::unit_var_builder(tensors, self.dtype, &self.device);
+    fn new(
+        checkpoint: Checkpoint,
+        cfg: TransformerConfig,
+        parts: Vec<Part>,
+        dtype: DType,
+        device: Device,
+    ) -> Result<Self> {
+        let names = parts.iter().map(|&part| part_names(&checkpoint, part)).collect::<Result<Vec<_>>>()?;
+        Ok(Self { checkpoint, cfg, parts, names, dtype, device })
+    }
+
+    /// The parts, by unit index.
+    pub fn parts(&self) -> &[Part] {
+        &self.parts
+    }
+
+    /// The planner's view of the parts: their bytes in the compute dtype, from the size model.
+    /// (A step's units come from the [`UnitTable`] instead, which is the same figure.)
+    pub fn specs(&self, sizes: &SizeModel, dtype: hidream_config::DType) -> Vec<UnitSpec> {
+        self.parts
+            .iter()
+            .map(|&part| {
+                let size = sizes.unit_size(part.unit());
+                UnitSpec::streamable(match part {
+                    Part::Whole(_) => size.bytes(dtype),
+                    Part::WithoutModulation(_) => size.bytes_without_modulation(dtype),
+                    Part::Modulation(_) => (size.modulation_params * dtype.size_in_bytes()) as u64,
+                })
+            })
+            .collect()
+    }
+
+    /// Loads part `unit_idx` into `buffer`.
+    fn load(&self, unit_idx: usize, buffer: &mut UnitBuffer) -> Result<(LoadedUnit, u64)> {
+        let (Some(&part), Some(names)) = (self.parts.get(unit_idx), self.names.get(unit_idx)) else {
+            return Err(PipelineError::invalid(
+                format!("unit {unit_idx}"),
+                format!("out of {} units", self.parts.len()),
+            ));
+        };
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let loaded = self.checkpoint.load_into_buffer(&names, buffer)?;
+        let vb = hidream_weights::unit_var_builder(loaded.tensors, self.dtype, &self.device);
         let cfg = &self.cfg;
-        Ok(match unit {
-            Unit::Embedders => LoadedUnit::Embedders(Embedders::new(cfg, &vb)?),
-            Unit::CaptionProjection(idx) => LoadedUnit::Caption(TextProjection::new(
+        let unit = match part {
+            Part::Whole(Unit::Embedders) => LoadedUnit::Embedders(Embedders::new(cfg, &vb)?),
+            Part::Whole(Unit::CaptionProjection(idx)) => LoadedUnit::Caption(TextProjection::new(
                 cfg.caption_input_channels(idx),
                 cfg.inner_dim(),
                 vb.pp("caption_projection").pp(idx),
             )?),
-            Unit::DoubleBlock(idx) => {
+            Part::Whole(Unit::DoubleBlock(idx)) | Part::WithoutModulation(Unit::DoubleBlock(idx)) => {
                 LoadedUnit::Double(DoubleStreamBlock::new(cfg, vb.pp("double_stream_blocks").pp(idx).pp("block"))?)
             }
-            Unit::SingleBlock(idx) => {
+            Part::Whole(Unit::SingleBlock(idx)) | Part::WithoutModulation(Unit::SingleBlock(idx)) => {
                 LoadedUnit::Single(SingleStreamBlock::new(cfg, vb.pp("single_stream_blocks").pp(idx).pp("block"))?)
             }
-        })
-    }
-
-    /// Loads only the adaLN modulation layer of a block, for the per-prompt precomputation.
-    pub fn load_modulation(&self, unit: Unit) -> Result<BlockModulation> {
-        let (prefix, block_path, n_chunks) = match unit {
-            Unit::DoubleBlock(idx) => (modulation_prefix(unit), format!("double_stream_blocks.{idx}.block"), 12),
-            Unit::SingleBlock(idx) => (modulation_prefix(unit), format!("single_stream_blocks.{idx}.block"), 6),
-            Unit::Embedders | Unit::CaptionProjection(_) => {
+            Part::Modulation(Unit::DoubleBlock(idx)) => LoadedUnit::Modulation(BlockModulation::new(
+                cfg.inner_dim(),
+                12,
+                vb.pp(format!("double_stream_blocks.{idx}.block")),
+            )?),
+            Part::Modulation(Unit::SingleBlock(idx)) => LoadedUnit::Modulation(BlockModulation::new(
+                cfg.inner_dim(),
+                6,
+                vb.pp(format!("single_stream_blocks.{idx}.block")),
+            )?),
+            Part::WithoutModulation(unit) | Part::Modulation(unit) => {
                 return Err(PipelineError::invalid(unit.to_string(), "has no block modulation"));
             }
         };
-        let prefix = prefix.unwrap_or_default();
-        let tensors = self.tensors(std::slice::from_ref(&prefix), |_| true)?;
-        let vb = hidream_weights::unit_var_builder(tensors, self.dtype, &self.device);
-        Ok(BlockModulation::new(self.cfg.inner_dim(), n_chunks, vb.pp(block_path))?)
-    }
-
-    /// Every tensor under `prefixes` that `keep` accepts, read from the mmap and converted.
-    fn tensors(&self, prefixes: &[String], keep: impl Fn(&str) -> bool) -> Result<HashMap<String, Tensor>> {
-        let names: Vec<&str> = self
-            .checkpoint
-            .tensor_names()
-            .filter(|name| prefixes.iter().any(|prefix| name.starts_with(prefix.as_str())) && keep(name))
-            .collect();
-        if names.is_empty() {
-            return Err(PipelineError::invalid(
-                prefixes.join(", "),
-                format!("no tensor in the checkpoint at {}", self.checkpoint.dir().display()),
-            ));
-        }
-        names
-            .into_iter()
-            .map(|name| Ok((name.to_owned(), self.checkpoint.load(name, self.dtype, &self.device)?)))
-            .collect()
+        Ok((unit, loaded.bytes))
     }
 }
 
+/// The checkpoint keys of a part, sorted, so that its buffer layout is the same at every load.
+fn part_names(checkpoint: &Checkpoint, part: Part) -> Result<Vec<String>> {
+    let unit = part.unit();
+    let (prefixes, strip) = match part {
+        Part::Whole(_) => (unit.prefixes(), None),
+        Part::WithoutModulation(_) => (unit.prefixes(), modulation_prefix(unit)),
+        Part::Modulation(_) => (modulation_prefix(unit).into_iter().collect(), None),
+    };
+    let names: Vec<String> = checkpoint
+        .tensor_names()
+        .filter(|name| prefixes.iter().any(|prefix| name.starts_with(prefix.as_str())))
+        .filter(|name| strip.as_ref().is_none_or(|strip| !name.starts_with(strip.as_str())))
+        .map(str::to_owned)
+        .collect();
+    if names.is_empty() {
+        return Err(PipelineError::invalid(
+            prefixes.join(", "),
+            format!("no tensor in the checkpoint at {}", checkpoint.dir().display()),
+        ));
+    }
+    Ok(names)
+}
+
+/// On the CPU both fences are complete at once: the loader thread's writes are done when
+/// `load_into` returns, and compute has finished with a unit when it is released.
 impl UnitLoader for CheckpointLoader {
+    type Buffer = UnitBuffer;
     type Unit = LoadedUnit;
+    type Fence = ();
     type Error = PipelineError;
 
-    fn load(&self, unit_idx: usize) -> Result<LoadedUnit> {
-        let unit = *self.table.units().get(unit_idx).ok_or_else(|| {
-            PipelineError::invalid(format!("unit {unit_idx}"), format!("out of {} units", self.table.units().len()))
-        })?;
-        self.load_unit(unit)
+    fn allocate(&self, bytes: u64) -> Result<UnitBuffer> {
+        Ok(UnitBuffer::new(bytes, self.dtype, &self.device)?)
     }
+
+    fn load_into(&self, unit_idx: usize, slot: &mut SlotBuffer<UnitBuffer, ()>) -> Result<Ready<LoadedUnit, ()>> {
+        let (buffer, _consumed) = slot.reuse();
+        let (unit, bytes_loaded) = self.load(unit_idx, buffer)?;
+        Ok(Ready { unit, ready: (), bytes_loaded })
+    }
+
+    fn wait_ready(&self, _ready: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn record_consumed(&self) {}
 }

@@ -218,6 +218,14 @@ impl LlamaStem {
         LlamaLayer::new(&self.config, layer_idx, self.checkpoint.var_builder(self.dtype, &self.device))
     }
 
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Tokenizes and embeds the prompts.
     pub fn begin(&self, prompts: &[&str]) -> Result<LlamaPass> {
         let tokens = self.tokenizer.encode(prompts)?;

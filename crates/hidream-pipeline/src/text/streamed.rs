@@ -1,61 +1,81 @@
-//! Llama-3.1-8B under a memory policy: its 32 layers stream through hidream-memory's scheduler
-//! exactly as the transformer's blocks do (the memory crate is generic for this).
+//! Text encoders under a memory policy: their layers stream through hidream-memory's residency
+//! runtime exactly as the transformer's blocks do.
 //!
-//! The stem (embedding, final norm, tokenizer) stays resident; each layer is a unit of the
-//! planner. The layers run once per prompt batch, so the pass is not cyclic here, but the same
-//! rules hold: a fixed resident set, the rest prefetched `depth` ahead into reusable slots.
-//! The output is bit-identical to the all-resident encoder: the same tensors load the same way.
+//! An encoder is a [`LayerStack`]: a stem that stays resident (tokenizer, embedding, final norm)
+//! and layers that run once per prompt batch, in order. Each layer is a unit of the planner,
+//! loaded into a reusable slot buffer; the rest is the runtime's. The output is bit-identical to
+//! the all-resident encoder: the same tensors load and convert the same way.
 
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use hidream_memory::{DevicePool, Plan, Policy, Prefetcher, ScheduleError, UnitLoader, UnitSpec};
+use candle_nn::VarBuilder;
+use hidream_memory::{
+    BudgetLedger, Plan, Policy, PrefetchStats, Ready, Residency, ScheduleError, SlotBuffer, UnitLoader, UnitSpec,
+};
+use hidream_weights::{Checkpoint, UnitBuffer};
 
 use super::llama::{LlamaLayer, LlamaStem};
+use super::t5::{T5Block, T5Stem};
 use crate::{PipelineError, Result};
 
-/// Loads Llama layers for the scheduler.
-struct LayerLoader {
-    stem: Arc<LlamaStem>,
-}
+/// A text encoder's stem and the recipe of its layers.
+pub trait LayerStack: Send + Sync + 'static {
+    /// One layer, as the stem runs it.
+    type Layer: Send + 'static;
 
-impl UnitLoader for LayerLoader {
-    type Unit = LlamaLayer;
-    type Error = PipelineError;
-
-    fn load(&self, unit_idx: usize) -> Result<LlamaLayer> {
-        self.stem.load_layer(unit_idx)
-    }
-}
-
-/// The bytes of each layer in `dtype`, from the checkpoint's tensor shapes.
-pub fn layer_specs(stem: &LlamaStem, dtype: DType) -> Vec<UnitSpec> {
-    (0..stem.config().num_hidden_layers)
-        .map(|layer_idx| {
-            let prefix = LlamaLayer::prefix(layer_idx);
-            let elements: usize = stem
-                .checkpoint()
-                .tensor_names()
-                .filter(|name| name.starts_with(&prefix))
-                .filter_map(|name| stem.checkpoint().tensor_info(name))
-                .map(|info| info.shape.iter().product::<usize>())
-                .sum();
-            UnitSpec::streamable((elements * dtype.size_in_bytes()) as u64)
-        })
-        .collect()
+    /// The checkpoint the layers are read from.
+    fn checkpoint(&self) -> &Checkpoint;
+    fn n_layers(&self) -> usize;
+    /// The checkpoint key prefix of layer `layer_idx`'s tensors.
+    fn layer_prefix(&self, layer_idx: usize) -> String;
+    /// Builds layer `layer_idx` from a `VarBuilder` over full checkpoint keys.
+    fn build_layer(&self, layer_idx: usize, vb: VarBuilder<'static>) -> Result<Self::Layer>;
+    /// The compute dtype and device.
+    fn dtype(&self) -> DType;
+    fn device(&self) -> &Device;
 }
 
 /// What a streamed encode measured.
 #[derive(Debug, Clone)]
 pub struct StreamedEncode {
-    /// `[n_layers, B, T, hidden]`, as [`super::LlamaTextEncoder::encode`] returns.
+    /// The encoder's output.
     pub hidden_states: Tensor,
     pub plan: Plan,
-    /// The pool's peak of layer bytes.
+    /// The ledger's peak of layer bytes.
     pub peak_weight_bytes: u64,
+    pub stats: PrefetchStats,
 }
 
-/// Encodes `prompts` with the layers placed by `policy`.
+/// The bytes of each layer in the compute dtype, from the checkpoint's tensor shapes.
+pub fn layer_specs<S: LayerStack>(stack: &S) -> Result<Vec<UnitSpec>> {
+    LayerLoader::new(stack).map(|(_, specs)| specs)
+}
+
+/// Runs every layer of `stack` in order through `run`, placed by `policy`: resident or streamed
+/// into reusable slots, loaded ahead as the plan allows and never past the last layer.
+pub fn run_layers<S: LayerStack>(
+    stack: &Arc<S>,
+    policy: Policy,
+    mut run: impl FnMut(&S::Layer) -> Result<()>,
+) -> Result<(Plan, u64, PrefetchStats)> {
+    let (names, specs) = LayerLoader::new(&**stack)?;
+    let plan = policy.plan(&specs)?;
+    let ledger = Arc::new(BudgetLedger::new(policy.budget_bytes()));
+    let loader = Arc::new(LayerLoader { stack: Arc::clone(stack), names });
+    let mut layers =
+        Residency::new(loader, &specs, plan.clone(), Arc::clone(&ledger)).map_err(ScheduleError::into_error)?;
+    layers.expect_passes(1);
+    let mut pass = layers.pass().map_err(ScheduleError::into_error)?;
+    for layer_idx in 0..specs.len() {
+        let layer = pass.unit(layer_idx).map_err(ScheduleError::into_error)?;
+        run(&layer)?;
+    }
+    drop(pass);
+    Ok((plan, ledger.peak_bytes(), layers.stats()))
+}
+
+/// Encodes `prompts` with Llama's layers placed by `policy`.
 pub fn encode_llama_streamed(
     dir: &std::path::Path,
     prompts: &[&str],
@@ -64,49 +84,147 @@ pub fn encode_llama_streamed(
     device: &Device,
 ) -> Result<StreamedEncode> {
     let stem = Arc::new(LlamaStem::load(dir, dtype, device)?);
-    let specs = layer_specs(&stem, dtype);
-    let plan = policy.plan(&specs)?;
-    let pool = Arc::new(DevicePool::new(match policy {
-        Policy::Budget { budget_bytes, .. } => Some(budget_bytes),
-        _ => None,
-    }));
-    let mut resident: Vec<Option<LlamaLayer>> = (0..specs.len()).map(|_| None).collect();
-    let mut reservations = Vec::with_capacity(plan.resident().len());
-    for &layer_idx in plan.resident() {
-        reservations.push(pool.try_reserve(specs[layer_idx].bytes, &format!("llama layer {layer_idx}"))?);
-        resident[layer_idx] = Some(stem.load_layer(layer_idx)?);
-    }
-    let loader = Arc::new(LayerLoader { stem: Arc::clone(&stem) });
-    let mut prefetcher = match plan.streamed() {
-        [] => None,
-        _ => Some(Prefetcher::from_plan(loader, &specs, &plan, &pool)?),
-    };
     let mut pass = stem.begin(prompts)?;
-    for slot in &resident {
-        let layer_idx = pass.next_layer();
-        match (slot, prefetcher.as_mut()) {
-            (Some(layer), _) => stem.run_layer(&mut pass, layer)?,
-            (None, Some(prefetcher)) => {
-                let loaded = prefetcher.next().map_err(|err| match err {
-                    ScheduleError::Load { source, .. } => source,
-                    other => PipelineError::Schedule(other.to_string()),
-                })?;
-                if loaded.unit_idx() != layer_idx {
-                    return Err(PipelineError::Schedule(format!(
-                        "expected Llama layer {layer_idx}, the prefetcher gave {}",
-                        loaded.unit_idx()
-                    )));
-                }
-                stem.run_layer(&mut pass, &loaded)?;
-            }
-            (None, None) => {
-                return Err(PipelineError::invalid("Llama plan", "a layer is neither resident nor streamed"));
-            }
-        }
-    }
-    drop(prefetcher);
-    drop(resident);
-    drop(reservations);
+    let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |layer| stem.run_layer(&mut pass, layer))?;
     let hidden_states = stem.finish(pass)?;
-    Ok(StreamedEncode { hidden_states, peak_weight_bytes: pool.peak_bytes(), plan })
+    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+}
+
+/// Encodes `prompts` with T5's blocks placed by `policy`.
+pub fn encode_t5_streamed(
+    encoder_dir: &std::path::Path,
+    tokenizer_dir: &std::path::Path,
+    prompts: &[&str],
+    policy: Policy,
+    dtype: DType,
+    device: &Device,
+) -> Result<StreamedEncode> {
+    let stem = Arc::new(T5Stem::load(encoder_dir, tokenizer_dir, dtype, device)?);
+    let tokens = stem.tokenizer().encode(prompts)?;
+    let mut pass = stem.begin(&tokens)?;
+    let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |block| stem.run_block(&mut pass, block))?;
+    let hidden_states = stem.finish(pass)?;
+    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+}
+
+impl LayerStack for LlamaStem {
+    type Layer = LlamaLayer;
+
+    fn checkpoint(&self) -> &Checkpoint {
+        LlamaStem::checkpoint(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+
+    fn layer_prefix(&self, layer_idx: usize) -> String {
+        LlamaLayer::prefix(layer_idx)
+    }
+
+    fn build_layer(&self, layer_idx: usize, vb: VarBuilder<'static>) -> Result<LlamaLayer> {
+        LlamaLayer::new(self.config(), layer_idx, vb)
+    }
+
+    fn dtype(&self) -> DType {
+        LlamaStem::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        LlamaStem::device(self)
+    }
+}
+
+impl LayerStack for T5Stem {
+    type Layer = T5Block;
+
+    fn checkpoint(&self) -> &Checkpoint {
+        T5Stem::checkpoint(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.config().num_layers
+    }
+
+    fn layer_prefix(&self, layer_idx: usize) -> String {
+        T5Block::prefix(layer_idx)
+    }
+
+    fn build_layer(&self, layer_idx: usize, vb: VarBuilder<'static>) -> Result<T5Block> {
+        T5Block::new(self.config(), layer_idx, vb)
+    }
+
+    fn dtype(&self) -> DType {
+        T5Stem::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        T5Stem::device(self)
+    }
+}
+
+/// Loads a stack's layers into unit buffers for the runtime.
+struct LayerLoader<S> {
+    stack: Arc<S>,
+    /// The checkpoint keys of each layer, sorted: its layout in a buffer.
+    names: Vec<Vec<String>>,
+}
+
+impl<S: LayerStack> LayerLoader<S> {
+    /// Each layer's keys and its bytes in the compute dtype.
+    fn new(stack: &S) -> Result<(Vec<Vec<String>>, Vec<UnitSpec>)> {
+        let checkpoint = stack.checkpoint();
+        let element_bytes = stack.dtype().size_in_bytes();
+        let mut names = Vec::with_capacity(stack.n_layers());
+        let mut specs = Vec::with_capacity(stack.n_layers());
+        for layer_idx in 0..stack.n_layers() {
+            let prefix = stack.layer_prefix(layer_idx);
+            let layer: Vec<String> =
+                checkpoint.tensor_names().filter(|name| name.starts_with(&prefix)).map(str::to_owned).collect();
+            if layer.is_empty() {
+                return Err(PipelineError::invalid(
+                    prefix,
+                    format!("no tensor of this layer in the checkpoint at {}", checkpoint.dir().display()),
+                ));
+            }
+            let elements: usize = layer
+                .iter()
+                .filter_map(|name| checkpoint.tensor_info(name))
+                .map(|info| info.shape.iter().product::<usize>())
+                .sum();
+            specs.push(UnitSpec::streamable((elements * element_bytes) as u64));
+            names.push(layer);
+        }
+        Ok((names, specs))
+    }
+}
+
+/// On the CPU both fences are complete at once (see the transformer's loader).
+impl<S: LayerStack> UnitLoader for LayerLoader<S> {
+    type Buffer = UnitBuffer;
+    type Unit = S::Layer;
+    type Fence = ();
+    type Error = PipelineError;
+
+    fn allocate(&self, bytes: u64) -> Result<UnitBuffer> {
+        Ok(UnitBuffer::new(bytes, self.stack.dtype(), self.stack.device())?)
+    }
+
+    fn load_into(&self, layer_idx: usize, slot: &mut SlotBuffer<UnitBuffer, ()>) -> Result<Ready<S::Layer, ()>> {
+        let names = self.names.get(layer_idx).ok_or_else(|| {
+            PipelineError::invalid(format!("layer {layer_idx}"), format!("out of {} layers", self.names.len()))
+        })?;
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (buffer, _consumed) = slot.reuse();
+        let loaded = self.stack.checkpoint().load_into_buffer(&names, buffer)?;
+        let vb = hidream_weights::unit_var_builder(loaded.tensors, self.stack.dtype(), self.stack.device());
+        let unit = self.stack.build_layer(layer_idx, vb)?;
+        Ok(Ready { unit, ready: (), bytes_loaded: loaded.bytes })
+    }
+
+    fn wait_ready(&self, _ready: &()) -> Result<()> {
+        Ok(())
+    }
+
+    fn record_consumed(&self) {}
 }

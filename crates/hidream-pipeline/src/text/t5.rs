@@ -14,34 +14,57 @@ use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Activation, Embedding, Linear, VarBuilder};
 use candle_transformers::models::t5::Config as T5Config;
 
+use hidream_weights::Checkpoint;
+
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
-use crate::Result;
+use crate::{PipelineError, Result};
 
-/// The T5 encoder with its tokenizer.
+/// The resident part of the T5 encoder: config, tokenizer, token embedding, the shared relative
+/// position bias, the final norm and the opened checkpoint. Blocks are loaded separately, so that
+/// a caller can stream them ([`super::streamed`]).
 #[derive(Debug)]
-pub struct T5TextEncoder {
+pub struct T5Stem {
     config: T5Config,
     tokenizer: PromptTokenizer,
+    checkpoint: Checkpoint,
     embed_tokens: Embedding,
     /// The relative position bias table of block 0, shared by every block.
     relative_attention_bias: Embedding,
-    blocks: Vec<T5Block>,
     final_layer_norm: T5LayerNorm,
+    dtype: DType,
     device: Device,
 }
 
-impl T5TextEncoder {
-    /// Loads a `T5EncoderModel` folder (`config.json`, `model.safetensors` or its index) and its
-    /// tokenizer folder, e.g. `text_encoder_3/` and `tokenizer_3/` of HiDream-I1.
-    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<T5TextEncoder> {
+/// One prompt batch on its way through the blocks.
+#[derive(Debug)]
+pub struct T5Pass {
+    hidden: Tensor,
+    /// Position bias plus padding mask, `[B, H, T, T]` f32.
+    bias: Tensor,
+    next_block: usize,
+}
+
+impl T5Pass {
+    /// The index of the next block to run.
+    pub fn next_block(&self) -> usize {
+        self.next_block
+    }
+}
+
+impl T5Stem {
+    /// Opens a `T5EncoderModel` folder (`config.json`, `model.safetensors` or its index) and its
+    /// tokenizer folder, e.g. `text_encoder_3/` and `tokenizer_3/` of HiDream-I1, and loads
+    /// everything but the blocks.
+    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<T5Stem> {
         let config: T5Config = read_config(encoder_dir)?;
         let tokenizer = PromptTokenizer::load(
             tokenizer_dir,
             PadWith::PadToken { default: "<pad>" },
             Length::AtMostModelMax(MAX_SEQUENCE_LENGTH),
         )?;
-        let vb = open_weights(encoder_dir)?.var_builder(dtype, device);
+        let checkpoint = open_weights(encoder_dir)?;
+        let vb = checkpoint.var_builder(dtype, device);
         let embed_vb =
             if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { vb.pp("encoder.embed_tokens") };
         let embed_tokens = candle_nn::embedding(config.vocab_size, config.d_model, embed_vb)?;
@@ -51,17 +74,15 @@ impl T5TextEncoder {
             config.num_heads,
             encoder.pp("block.0.layer.0.SelfAttention.relative_attention_bias"),
         )?;
-        let blocks = (0..config.num_layers)
-            .map(|block_idx| T5Block::new(&config, encoder.pp(format!("block.{block_idx}"))))
-            .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = T5LayerNorm::new(&config, encoder.pp("final_layer_norm"))?;
-        Ok(T5TextEncoder {
+        Ok(T5Stem {
             config,
             tokenizer,
+            checkpoint,
             embed_tokens,
             relative_attention_bias,
-            blocks,
             final_layer_norm,
+            dtype,
             device: device.clone(),
         })
     }
@@ -74,14 +95,26 @@ impl T5TextEncoder {
         &self.tokenizer
     }
 
-    /// The last hidden state of each prompt: `[B, 128, d_model]`.
-    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(prompts)?;
-        self.forward(&tokens)
+    /// The opened weights, for a caller that loads blocks itself (see [`T5Block::prefix`]).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
     }
 
-    /// The last hidden state of tokenized prompts, with their padding mask.
-    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor> {
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Loads block `block_idx` from the checkpoint.
+    pub fn load_block(&self, block_idx: usize) -> Result<T5Block> {
+        T5Block::new(&self.config, block_idx, self.checkpoint.var_builder(self.dtype, &self.device))
+    }
+
+    /// Embeds tokenized prompts and builds their position bias with the padding mask.
+    pub fn begin(&self, tokens: &Tokens) -> Result<T5Pass> {
         let ids = tokens.ids_tensor(&self.device)?;
         let (batch, seq_len) = ids.dims2()?;
         // Position bias `[1, H, T, T]` plus the padding mask `[B, 1, 1, T]`, in f32: one additive
@@ -91,12 +124,32 @@ impl T5TextEncoder {
             tokens.mask().iter().flatten().map(|&keep| if keep == 0 { f32::MIN } else { 0.0 }).collect();
         let mask = Tensor::from_vec(mask, (batch, 1, 1, seq_len), &self.device)?;
         let bias = bias.broadcast_add(&mask)?;
+        let hidden = self.embed_tokens.forward(&ids)?;
+        Ok(T5Pass { hidden, bias, next_block: 0 })
+    }
 
-        let mut hidden = self.embed_tokens.forward(&ids)?;
-        for block in &self.blocks {
-            hidden = block.forward(&hidden, &bias)?;
+    /// Runs the next block of the pass; blocks must come in order.
+    pub fn run_block(&self, pass: &mut T5Pass, block: &T5Block) -> Result<()> {
+        if block.block_idx != pass.next_block {
+            return Err(PipelineError::invalid(
+                "T5 pass",
+                format!("block {} given where block {} comes next", block.block_idx, pass.next_block),
+            ));
         }
-        self.final_layer_norm.forward(&hidden)
+        pass.hidden = block.forward(&pass.hidden, &pass.bias)?;
+        pass.next_block += 1;
+        Ok(())
+    }
+
+    /// The last hidden state, `[B, T, d_model]`: the final norm of the last block's output.
+    pub fn finish(&self, pass: T5Pass) -> Result<Tensor> {
+        if pass.next_block != self.config.num_layers {
+            return Err(PipelineError::invalid(
+                "T5 pass",
+                format!("finished after {} of {} blocks", pass.next_block, self.config.num_layers),
+            ));
+        }
+        self.final_layer_norm.forward(&pass.hidden)
     }
 
     /// transformers' `T5Attention.compute_bias` for a bidirectional encoder: `[1, H, T, T]` f32.
@@ -115,6 +168,50 @@ impl T5TextEncoder {
         let buckets = Tensor::from_vec(buckets, (seq_len, seq_len), &self.device)?;
         let bias = self.relative_attention_bias.forward(&buckets)?.to_dtype(DType::F32)?;
         Ok(bias.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
+    }
+}
+
+/// The T5 encoder with every block resident.
+#[derive(Debug)]
+pub struct T5TextEncoder {
+    stem: T5Stem,
+    blocks: Vec<T5Block>,
+}
+
+impl T5TextEncoder {
+    /// Loads the stem and every block (see [`T5Stem::load`] for the folder layout).
+    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<T5TextEncoder> {
+        let stem = T5Stem::load(encoder_dir, tokenizer_dir, dtype, device)?;
+        let blocks =
+            (0..stem.config.num_layers).map(|block_idx| stem.load_block(block_idx)).collect::<Result<Vec<_>>>()?;
+        Ok(T5TextEncoder { stem, blocks })
+    }
+
+    pub fn config(&self) -> &T5Config {
+        self.stem.config()
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        self.stem.tokenizer()
+    }
+
+    pub fn stem(&self) -> &T5Stem {
+        &self.stem
+    }
+
+    /// The last hidden state of each prompt: `[B, 128, d_model]`.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let tokens = self.stem.tokenizer.encode(prompts)?;
+        self.forward(&tokens)
+    }
+
+    /// The last hidden state of tokenized prompts, with their padding mask.
+    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor> {
+        let mut pass = self.stem.begin(tokens)?;
+        for block in &self.blocks {
+            self.stem.run_block(&mut pass, block)?;
+        }
+        self.stem.finish(pass)
     }
 }
 
@@ -160,7 +257,8 @@ impl T5LayerNorm {
 
 /// One encoder block: self-attention and feed-forward, each pre-normed with a residual.
 #[derive(Debug)]
-struct T5Block {
+pub struct T5Block {
+    block_idx: usize,
     attention_norm: T5LayerNorm,
     q: Linear,
     k: Linear,
@@ -173,12 +271,20 @@ struct T5Block {
 }
 
 impl T5Block {
-    fn new(config: &T5Config, vb: VarBuilder) -> Result<T5Block> {
+    /// The checkpoint key prefix of block `block_idx`'s tensors.
+    pub fn prefix(block_idx: usize) -> String {
+        format!("encoder.block.{block_idx}.")
+    }
+
+    /// Builds block `block_idx` from a `VarBuilder` over full checkpoint keys.
+    pub fn new(config: &T5Config, block_idx: usize, vb: VarBuilder) -> Result<T5Block> {
+        let vb = vb.pp(format!("encoder.block.{block_idx}"));
         let attention = vb.pp("layer.0");
         let attn = attention.pp("SelfAttention");
         let inner = config.num_heads * config.d_kv;
         let ff = vb.pp("layer.1");
         Ok(T5Block {
+            block_idx,
             attention_norm: T5LayerNorm::new(config, attention.pp("layer_norm"))?,
             q: candle_nn::linear_no_bias(config.d_model, inner, attn.pp("q"))?,
             k: candle_nn::linear_no_bias(config.d_model, inner, attn.pp("k"))?,
