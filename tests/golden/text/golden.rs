@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use candle_core::{DType, Device, Tensor};
-use hidream_pipeline::PipelineError;
-use hidream_pipeline::text::{
+use hidream_text::TextError;
+use hidream_text::{
     ClipTextEncoder, LlamaLayer, LlamaStem, LlamaTextEncoder, T5TextEncoder, TextEncoderPaths, Tokens, encode_prompts,
 };
 
@@ -174,8 +174,8 @@ fn llama_layer_by_layer_equals_resident() -> Result<()> {
     // Layers out of order, or too few, are errors rather than wrong embeddings.
     let mut pass = stem.begin(&golden.prompts())?;
     let wrong = stem.load_layer(1)?;
-    ensure!(matches!(stem.run_layer(&mut pass, &wrong), Err(PipelineError::Invalid { .. })));
-    ensure!(matches!(stem.finish(pass), Err(PipelineError::Invalid { .. })));
+    ensure!(matches!(stem.run_layer(&mut pass, &wrong), Err(TextError::Invalid { .. })));
+    ensure!(matches!(stem.finish(pass), Err(TextError::Invalid { .. })));
     Ok(())
 }
 
@@ -198,7 +198,7 @@ fn missing_tokenizer_json_is_reported() -> Result<()> {
         .err()
         .ok_or_else(|| anyhow!("loading without tokenizer.json succeeded"))?;
     match err {
-        PipelineError::MissingFile { path, hint } => {
+        TextError::MissingFile { path, hint } => {
             ensure!(path.ends_with("tokenizer.json"), "{path:?}");
             ensure!(hint.contains("save_pretrained"), "{hint}");
         }
@@ -207,7 +207,7 @@ fn missing_tokenizer_json_is_reported() -> Result<()> {
     let err = LlamaTextEncoder::load(empty.path(), DType::F32, &Device::Cpu)
         .err()
         .ok_or_else(|| anyhow!("loading an empty folder succeeded"))?;
-    ensure!(matches!(err, PipelineError::MissingFile { ref path, .. } if path.ends_with("config.json")), "{err}");
+    ensure!(matches!(err, TextError::MissingFile { ref path, .. } if path.ends_with("config.json")), "{err}");
     Ok(())
 }
 
@@ -231,7 +231,7 @@ fn bf16_drifts_no_more_than_diffusers() -> Result<()> {
 #[test]
 fn llama_streamed_under_any_policy_is_bit_identical() -> Result<()> {
     use hidream_memory::{Plan, Policy};
-    use hidream_pipeline::text::streamed::{encode_llama_streamed, layer_specs};
+    use hidream_text::streamed::{encode_llama_streamed, layer_specs};
     let golden = Golden::load()?;
     let prompts = golden.prompts();
     let llama_dir = paths().llama;

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use hidream_memory::{DevicePool, Plan, Policy, Prefetcher, ScheduleError, UnitLoader, UnitSpec};
 
 use super::llama::{LlamaLayer, LlamaStem};
-use crate::{PipelineError, Result};
+use crate::{Result, TextError};
 
 /// Loads Llama layers for the scheduler.
 struct LayerLoader {
@@ -21,7 +21,7 @@ struct LayerLoader {
 
 impl UnitLoader for LayerLoader {
     type Unit = LlamaLayer;
-    type Error = PipelineError;
+    type Error = TextError;
 
     fn load(&self, unit_idx: usize) -> Result<LlamaLayer> {
         self.stem.load_layer(unit_idx)
@@ -89,10 +89,10 @@ pub fn encode_llama_streamed(
             (None, Some(prefetcher)) => {
                 let loaded = prefetcher.next().map_err(|err| match err {
                     ScheduleError::Load { source, .. } => source,
-                    other => PipelineError::Schedule(other.to_string()),
+                    other => TextError::Schedule(other.to_string()),
                 })?;
                 if loaded.unit_idx() != layer_idx {
-                    return Err(PipelineError::Schedule(format!(
+                    return Err(TextError::Schedule(format!(
                         "expected Llama layer {layer_idx}, the prefetcher gave {}",
                         loaded.unit_idx()
                     )));
@@ -100,7 +100,7 @@ pub fn encode_llama_streamed(
                 stem.run_layer(&mut pass, &loaded)?;
             }
             (None, None) => {
-                return Err(PipelineError::invalid("Llama plan", "a layer is neither resident nor streamed"));
+                return Err(TextError::invalid("Llama plan", "a layer is neither resident nor streamed"));
             }
         }
     }
