@@ -1,4 +1,8 @@
 //! The crate DAG, checked with `cargo tree`: each crate and what it must not depend on.
+//!
+//! candle-core itself depends on memmap2, safetensors, tokenizers and rand, so a rule about those
+//! is a rule about *direct* dependencies (`cargo tree -e normal --depth 1`): a transitive search
+//! would find candle-core's.
 
 use anyhow::{Result, bail};
 
@@ -14,8 +18,35 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     ("hidream-weights", &["hidream-model", "hidream-memory"], "I/O only: knows no layers or budgets"),
     ("hidream-model", &["hidream-weights", "hidream-memory"], "knows nothing of mmap, threads or budgets"),
+    (
+        "hidream-schedulers",
+        &[
+            "hidream-config",
+            "hidream-weights",
+            "hidream-memory",
+            "hidream-model",
+            "hidream-text",
+            "hidream-pipeline",
+            "hf-hub",
+        ],
+        "samplers on candle-core alone: no HiDream crate, no weights",
+    ),
+    ("hidream-text", &["hidream-model", "hidream-schedulers", "hidream-pipeline"], "text encoders: no transformer"),
     ("hidream-pipeline", &["hidream-cli", "clap", "indicatif"], "a library: knows no command line"),
 ];
+
+/// `(crate, forbidden direct dependencies, reason)`, with the crate's default features.
+const DIRECT_RULES: &[(&str, &[&str], &str)] = &[
+    (
+        "hidream-schedulers",
+        &["tokenizers", "safetensors", "memmap2", "candle-nn", "candle-transformers"],
+        "samplers on candle-core alone",
+    ),
+    ("hidream-weights", &["rand", "rand_distr"], "without the `synth` feature, the loader pulls in no rand"),
+];
+
+/// `(dependency, the one workspace crate that may depend on it directly)`.
+const OWNED: &[(&str, &str)] = &[("tokenizers", "hidream-text"), ("hf-hub", "hidream-text")];
 
 pub fn check() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -25,6 +56,25 @@ pub fn check() -> Result<()> {
         for dep in *forbidden {
             if tree.lines().any(|line| line.split_whitespace().next() == Some(dep)) {
                 violations.push(format!("{krate} depends on {dep} ({reason})"));
+            }
+        }
+    }
+    for (krate, forbidden, reason) in DIRECT_RULES {
+        let direct = direct_dependencies(&cargo, krate)?;
+        for dep in *forbidden {
+            if direct.iter().any(|name| name == dep) {
+                violations.push(format!("{krate} depends directly on {dep} ({reason})"));
+            }
+        }
+    }
+    let members =
+        util::output(util::command(&cargo).args(["tree", "--workspace", "--depth", "0", "--prefix", "none"]))?;
+    let members: Vec<&str> = members.lines().filter_map(|line| line.split_whitespace().next()).collect();
+    for member in &members {
+        let direct = direct_dependencies(&cargo, member)?;
+        for (dep, owner) in OWNED {
+            if member != owner && direct.iter().any(|name| name == dep) {
+                violations.push(format!("{member} depends directly on {dep} (only {owner} may)"));
             }
         }
     }
@@ -52,6 +102,21 @@ pub fn check() -> Result<()> {
     if !violations.is_empty() {
         bail!("layering violated:\n  {}", violations.join("\n  "));
     }
-    println!("layering ok: {} rules, and hidream-model reaches memmap2 only through candle-core", RULES.len());
+    println!(
+        "layering ok: {} rules, {} direct-dependency rules, {} owned dependencies over {} crates, and \
+         hidream-model reaches memmap2 only through candle-core",
+        RULES.len(),
+        DIRECT_RULES.len(),
+        OWNED.len(),
+        members.len()
+    );
     Ok(())
+}
+
+/// The names of `krate`'s direct normal dependencies, with its default features.
+fn direct_dependencies(cargo: &str, krate: &str) -> Result<Vec<String>> {
+    let tree = util::output(
+        util::command(cargo).args(["tree", "-p", krate, "-e", "normal", "--depth", "1", "--prefix", "none"]),
+    )?;
+    Ok(tree.lines().skip(1).filter_map(|line| line.split_whitespace().next()).map(str::to_owned).collect())
 }

@@ -7,7 +7,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use hidream_pipeline::euler::{EulerSchedule, StepEvent, TextConditioning, denoise};
+use hidream_pipeline::denoise::{TextConditioning, denoise};
+use hidream_schedulers::euler::{EulerSchedule, StepEvent};
 use hidream_weights::Checkpoint;
 use indicatif::{ProgressBar, ProgressStyle};
 

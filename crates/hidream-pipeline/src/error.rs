@@ -15,6 +15,10 @@ pub enum PipelineError {
     #[error(transparent)]
     Model(#[from] hidream_model::ModelError),
     #[error(transparent)]
+    Scheduler(#[from] hidream_schedulers::SchedulerError),
+    #[error(transparent)]
+    Text(#[from] hidream_text::TextError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     /// The residency runtime failed (out of order, a size mismatch, a stopped worker).
     #[error("streaming: {0}")]

@@ -20,14 +20,15 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{TransformerConfig, Variant};
+use hidream_schedulers::Scheduler;
+use hidream_text::{TextEncoderPaths, encode_prompts_under, resolve_folder};
 use hidream_weights::Checkpoint;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand_distr::{Distribution, StandardNormal};
 
 use crate::runner::{RunnerConfig, TransformerRunner, candle_dtype};
-use crate::schedulers::{PipelineShift, Scheduler, SchedulerConfig};
-use crate::text::{TextEncoderPaths, encode_prompts_under};
+use crate::sampling::{pipeline_shift_for_transformer, scheduler_config_for_variant};
 use crate::vae::{DecodeOptions, VaeConfig, VaeDecoder, postprocess};
 use crate::{PipelineError, Result};
 
@@ -128,31 +129,6 @@ fn has_safetensors(dir: &Path) -> bool {
     std::fs::read_dir(dir).is_ok_and(|entries| {
         entries.filter_map(std::result::Result::ok).any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
     })
-}
-
-/// A local folder, or the snapshot folder of a repo id in the local Hub cache.
-fn resolve_folder(name: &str, marker: &str) -> Result<PathBuf> {
-    let path = PathBuf::from(name);
-    if path.is_dir() {
-        return Ok(path);
-    }
-    let looks_like_repo = name.split('/').count() == 2 && !name.starts_with('.') && !name.starts_with('/');
-    if looks_like_repo {
-        let cache = hf_hub::Cache::from_env();
-        if let Some(file) = cache.model(name.to_owned()).get(marker)
-            && let Some(snapshot) = file.parent()
-        {
-            return Ok(snapshot.to_owned());
-        }
-        return Err(PipelineError::MissingFile {
-            path: cache.path().join(format!("models--{}", name.replace('/', "--"))),
-            hint: format!(
-                "`{name}` is not in the local Hugging Face cache and this build does not download; \
-                 run `huggingface-cli download {name}` (or pass a local folder)"
-            ),
-        });
-    }
-    Err(PipelineError::MissingFile { path, hint: "no such folder".into() })
 }
 
 /// What to generate.
@@ -317,8 +293,8 @@ pub fn generate(
     // 4. Denoising.
     observe(Event::StageStarted(Stage::Denoise));
     let started = Instant::now();
-    let scheduler_config = SchedulerConfig::for_variant(request.variant);
-    let mut scheduler = Scheduler::new(scheduler_config, PipelineShift::for_transformer(&transformer_cfg)?)?;
+    let scheduler_config = scheduler_config_for_variant(request.variant);
+    let mut scheduler = Scheduler::new(scheduler_config, pipeline_shift_for_transformer(&transformer_cfg)?)?;
     let timesteps: Vec<f32> = scheduler.set_timesteps(steps)?.timesteps().to_vec();
     if let Some(noise) = &request.step_noise {
         check_shape("--step-noise", noise, &[steps, latent_shape.0, latent_shape.1, latent_shape.2, latent_shape.3])?;

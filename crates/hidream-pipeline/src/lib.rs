@@ -2,23 +2,22 @@
 //!
 //! - [`runner`]: the transformer under a memory policy: the planner's resident set, streamed
 //!   blocks prefetched in the background, and the exact per-prompt precomputation.
-//! - [`euler`]: a plain flow-matching Euler loop, for benchmarks.
-//! - [`schedulers`]: the official samplers, `FlowUniPCMultistepScheduler` and
-//!   `FlashFlowMatchEulerDiscreteScheduler`.
-//! - [`text`]: the four text encoders and their tokenizers.
+//! - [`denoise`]: hidream-schedulers' plain flow-matching Euler loop over the runner, for
+//!   benchmarks.
+//! - [`sampling`]: which official sampler (hidream-schedulers) each variant uses.
 //! - [`vae`]: the Flux 16-channel AutoencoderKL decoder with tiling and slicing.
 //! - [`generate`]: text to image, stage by stage, under a memory policy.
 //!
-//! This crate wires the others; it is the first that knows weights, memory and model together.
-//! It must not know the command line: the `hidream` binary is a thin layer over it.
+//! The text encoders are hidream-text's and the samplers hidream-schedulers'; this crate
+//! re-exports neither. It wires the others; it is the first that knows weights, memory and model
+//! together. It must not know the command line: the `hidream` binary is a thin layer over it.
 #![forbid(unsafe_code)]
 
+pub mod denoise;
 mod error;
-pub mod euler;
 pub mod generate;
 pub mod runner;
-pub mod schedulers;
-pub mod text;
+pub mod sampling;
 mod units;
 pub mod vae;
 

@@ -9,9 +9,10 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::TransformerConfig;
 use hidream_memory::{MemoryError, Policy};
 use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs};
-use hidream_pipeline::euler::{EulerSchedule, StepEvent, TextConditioning, denoise};
+use hidream_pipeline::denoise::{TextConditioning, denoise};
 use hidream_pipeline::runner::{RunnerConfig, TransformerRunner};
 use hidream_pipeline::{PipelineError, Precompute, UnitTable};
+use hidream_schedulers::euler::{EulerSchedule, StepEvent};
 use hidream_weights::{Checkpoint, InputSpec, SynthOptions};
 
 struct Fixture {

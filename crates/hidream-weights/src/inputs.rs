@@ -1,20 +1,28 @@
-//! Synthetic forward inputs, and plain safetensors files of named tensors (inputs, outputs and
-//! golden fixtures).
+//! Synthetic forward inputs (with the `synth` feature), and plain safetensors files of named
+//! tensors (inputs, outputs and golden fixtures).
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "synth")]
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
+#[cfg(feature = "synth")]
 use hidream_config::TransformerConfig;
+#[cfg(feature = "synth")]
 use rand::Rng;
+#[cfg(feature = "synth")]
 use rand::rngs::StdRng;
+#[cfg(feature = "synth")]
 use rand_distr::StandardNormal;
 use safetensors::tensor::View;
 
+#[cfg(feature = "synth")]
 use crate::synth::named_rng;
 use crate::{Checkpoint, Result, WeightsError};
 
 /// The sizes and seed of a synthetic transformer input.
+#[cfg(feature = "synth")]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InputSpec {
     pub batch: usize,
@@ -35,6 +43,7 @@ pub struct InputSpec {
 /// - `pooled_embeds` `[B, text_emb_dim]`, N(0, 1).
 ///
 /// Each input draws from its own stream of `spec.seed`, so it depends only on its own sizes.
+#[cfg(feature = "synth")]
 pub fn synthetic_inputs(config: &TransformerConfig, spec: &InputSpec) -> Result<HashMap<String, Tensor>> {
     config.validate()?;
     let sizes = [
@@ -93,6 +102,7 @@ pub fn read_tensors(path: &Path, device: &Device) -> Result<HashMap<String, Tens
 }
 
 /// One named tensor of `n_elements = shape.product()` values drawn from `sample`.
+#[cfg(feature = "synth")]
 fn draw(seed: u64, name: &str, shape: &[usize], sample: impl Fn(&mut StdRng) -> f32) -> Result<(String, Tensor)> {
     let n_elements = shape.iter().try_fold(1usize, |acc, dim| acc.checked_mul(*dim)).ok_or_else(|| {
         WeightsError::InvalidOption { what: "input size", problem: format!("{name} {shape:?} is too large") }

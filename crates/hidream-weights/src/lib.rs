@@ -1,6 +1,10 @@
 //! Safetensors I/O for HiDream-I1: sharded diffusers checkpoints, memory-mapped lazy loading by
 //! unit, candle `VarBuilder` adapters, and synthetic checkpoints and inputs for tests and benches.
 //!
+//! The synthetic writer (`write_synthetic`, `synthetic_inputs`) is behind the `synth` cargo
+//! feature, off by default, so that the loader alone has no rand dependency of its own (candle-core
+//! still brings one).
+//!
 //! This is the ONLY crate of the workspace that knows files and mmap. It opens a checkpoint (a
 //! diffusers `transformer/` folder with `diffusion_pytorch_model.safetensors.index.json` and its
 //! shards, or a single `.safetensors` file), checks every header before any long work, and reads
@@ -33,13 +37,17 @@ mod error;
 mod header;
 mod inputs;
 mod mmap;
+#[cfg(feature = "synth")]
 mod synth;
 mod unit_buffer;
 mod var_builder;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use error::{Result, WeightsError};
-pub use inputs::{InputSpec, read_tensors, synthetic_inputs, write_tensors};
+#[cfg(feature = "synth")]
+pub use inputs::{InputSpec, synthetic_inputs};
+pub use inputs::{read_tensors, write_tensors};
+#[cfg(feature = "synth")]
 pub use synth::{SynthOptions, SynthSummary, write_synthetic};
 pub use unit_buffer::{LoadedTensors, UnitBuffer};
 pub use var_builder::unit_var_builder;

@@ -22,7 +22,7 @@
 //!   non-finite at the same elements, with the same value (±inf, NaN).
 //!
 //! Cases mirroring a variant (`full_*`, `dev_28`, `fast_*`) also run through
-//! `Scheduler::for_variant`, which must agree with the parsed config.
+//! hidream-pipeline's `scheduler_for_variant`, which must agree with the parsed config.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +30,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, anyhow, ensure};
 use candle_core::{DType, Device, Tensor};
 use hidream_config::Variant;
-use hidream_pipeline::schedulers::{PipelineShift, Scheduler, SchedulerConfig};
+use hidream_pipeline::sampling::{scheduler_config_for_variant, scheduler_for_variant};
+use hidream_schedulers::{PipelineShift, Scheduler, SchedulerConfig};
 use serde::Deserialize;
 
 const F32_TOLERANCE: f32 = 1e-6;
@@ -71,8 +72,8 @@ fn check(name: &str) -> Result<()> {
     let tensors = candle_core::safetensors::load(golden_dir().join(format!("{name}.safetensors")), &Device::Cpu)?;
     replay(&case, Scheduler::new(config.clone(), shift)?, &tensors)?;
     if let Some(variant) = case.variant {
-        assert_eq!(config, SchedulerConfig::for_variant(variant), "{name}: the variant's config");
-        replay(&case, Scheduler::for_variant(variant), &tensors)?;
+        assert_eq!(config, scheduler_config_for_variant(variant), "{name}: the variant's config");
+        replay(&case, scheduler_for_variant(variant)?, &tensors)?;
     }
     Ok(())
 }

@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use candle_core::{DType, Device, Tensor};
-use hidream_pipeline::PipelineError;
-use hidream_pipeline::text::{
+use hidream_text::TextError;
+use hidream_text::{
     ClipTextEncoder, LlamaLayer, LlamaStem, LlamaTextEncoder, T5TextEncoder, TextEncoderPaths, Tokens, encode_prompts,
 };
 
@@ -174,8 +174,8 @@ fn llama_layer_by_layer_equals_resident() -> Result<()> {
     // Layers out of order, or too few, are errors rather than wrong embeddings.
     let mut pass = stem.begin(&golden.prompts())?;
     let wrong = stem.load_layer(1)?;
-    ensure!(matches!(stem.run_layer(&mut pass, &wrong), Err(PipelineError::Invalid { .. })));
-    ensure!(matches!(stem.finish(pass), Err(PipelineError::Invalid { .. })));
+    ensure!(matches!(stem.run_layer(&mut pass, &wrong), Err(TextError::Invalid { .. })));
+    ensure!(matches!(stem.finish(pass), Err(TextError::Invalid { .. })));
     Ok(())
 }
 
@@ -198,7 +198,7 @@ fn missing_tokenizer_json_is_reported() -> Result<()> {
         .err()
         .ok_or_else(|| anyhow!("loading without tokenizer.json succeeded"))?;
     match err {
-        PipelineError::MissingFile { path, hint } => {
+        TextError::MissingFile { path, hint } => {
             ensure!(path.ends_with("tokenizer.json"), "{path:?}");
             ensure!(hint.contains("save_pretrained"), "{hint}");
         }
@@ -207,7 +207,7 @@ fn missing_tokenizer_json_is_reported() -> Result<()> {
     let err = LlamaTextEncoder::load(empty.path(), DType::F32, &Device::Cpu)
         .err()
         .ok_or_else(|| anyhow!("loading an empty folder succeeded"))?;
-    ensure!(matches!(err, PipelineError::MissingFile { ref path, .. } if path.ends_with("config.json")), "{err}");
+    ensure!(matches!(err, TextError::MissingFile { ref path, .. } if path.ends_with("config.json")), "{err}");
     Ok(())
 }
 
@@ -226,22 +226,18 @@ fn bf16_drifts_no_more_than_diffusers() -> Result<()> {
     Ok(())
 }
 
-/// Llama's layers streamed through the memory scheduler, under every policy down to the smallest
-/// budget, give the all-resident hidden states bit for bit, and the pool never exceeds the budget.
-#[test]
-fn llama_streamed_under_any_policy_is_bit_identical() -> Result<()> {
+/// Streamed encodes under every policy down to the smallest budget give the all-resident output
+/// bit for bit, stay within the budget, and load each streamed layer exactly once.
+fn check_streamed(
+    resident: &candle_core::Tensor,
+    specs: &[hidream_memory::UnitSpec],
+    encode: impl Fn(hidream_memory::Policy) -> Result<hidream_text::streamed::StreamedEncode>,
+) -> Result<()> {
     use hidream_memory::{Plan, Policy};
-    use hidream_pipeline::text::streamed::{encode_llama_streamed, layer_specs};
-    let golden = Golden::load()?;
-    let prompts = golden.prompts();
-    let llama_dir = paths().llama;
-    let resident = LlamaTextEncoder::load(&llama_dir, DType::F32, &Device::Cpu)?.encode(&prompts)?;
     let bits = |t: &candle_core::Tensor| -> Result<Vec<u32>> {
         Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
     };
-    let stem = LlamaStem::load(&llama_dir, DType::F32, &Device::Cpu)?;
-    let specs = layer_specs(&stem, DType::F32);
-    let minimum = Plan::minimum_budget(&specs, 1);
+    let minimum = Plan::minimum_budget(specs, 1);
     for policy in [
         Policy::All,
         Policy::Sequential,
@@ -249,11 +245,43 @@ fn llama_streamed_under_any_policy_is_bit_identical() -> Result<()> {
         Policy::Budget { budget_bytes: minimum, prefetch: 1 },
         Policy::Budget { budget_bytes: minimum + specs[0].bytes, prefetch: 1 },
     ] {
-        let streamed = encode_llama_streamed(&llama_dir, &prompts, policy, DType::F32, &Device::Cpu)?;
-        assert!(bits(&streamed.hidden_states)? == bits(&resident)?, "{policy}: differs from the resident encoder");
+        let streamed = encode(policy)?;
+        assert!(bits(&streamed.hidden_states)? == bits(resident)?, "{policy}: differs from the resident encoder");
         if let Policy::Budget { budget_bytes, .. } = policy {
             assert!(streamed.peak_weight_bytes <= budget_bytes, "{policy}: over budget");
         }
+        let n_streamed = streamed.plan.streamed().len() as u64;
+        assert_eq!(streamed.stats.units_loaded, n_streamed, "{policy}: a layer loaded twice or for nothing");
+        assert_eq!(streamed.stats.units_delivered, n_streamed, "{policy}");
     }
     Ok(())
+}
+
+/// Llama's layers streamed through the residency runtime.
+#[test]
+fn llama_streamed_under_any_policy_is_bit_identical() -> Result<()> {
+    use hidream_text::streamed::{encode_llama_streamed, layer_specs};
+    let golden = Golden::load()?;
+    let prompts = golden.prompts();
+    let llama_dir = paths().llama;
+    let resident = LlamaTextEncoder::load(&llama_dir, DType::F32, &Device::Cpu)?.encode(&prompts)?;
+    let specs = layer_specs(&LlamaStem::load(&llama_dir, DType::F32, &Device::Cpu)?)?;
+    check_streamed(&resident, &specs, |policy| {
+        Ok(encode_llama_streamed(&llama_dir, &prompts, policy, DType::F32, &Device::Cpu)?)
+    })
+}
+
+/// T5's blocks streamed through the same runtime.
+#[test]
+fn t5_streamed_under_any_policy_is_bit_identical() -> Result<()> {
+    use hidream_text::streamed::{encode_t5_streamed, layer_specs};
+    use hidream_text::t5::{T5Stem, T5TextEncoder};
+    let golden = Golden::load()?;
+    let prompts = golden.prompts();
+    let paths = paths();
+    let resident = T5TextEncoder::load(&paths.t5, &paths.t5_tokenizer, DType::F32, &Device::Cpu)?.encode(&prompts)?;
+    let specs = layer_specs(&T5Stem::load(&paths.t5, &paths.t5_tokenizer, DType::F32, &Device::Cpu)?)?;
+    check_streamed(&resident, &specs, |policy| {
+        Ok(encode_t5_streamed(&paths.t5, &paths.t5_tokenizer, &prompts, policy, DType::F32, &Device::Cpu)?)
+    })
 }

@@ -18,11 +18,11 @@ use hidream_weights::Checkpoint;
 
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
-use crate::{PipelineError, Result};
+use crate::{Result, TextError};
 
 /// The resident part of the T5 encoder: config, tokenizer, token embedding, the shared relative
 /// position bias, the final norm and the opened checkpoint. Blocks are loaded separately, so that
-/// a caller can stream them ([`super::streamed`]).
+/// a caller can stream them ([`crate::streamed`]).
 #[derive(Debug)]
 pub struct T5Stem {
     config: T5Config,
@@ -131,7 +131,7 @@ impl T5Stem {
     /// Runs the next block of the pass; blocks must come in order.
     pub fn run_block(&self, pass: &mut T5Pass, block: &T5Block) -> Result<()> {
         if block.block_idx != pass.next_block {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 "T5 pass",
                 format!("block {} given where block {} comes next", block.block_idx, pass.next_block),
             ));
@@ -144,7 +144,7 @@ impl T5Stem {
     /// The last hidden state, `[B, T, d_model]`: the final norm of the last block's output.
     pub fn finish(&self, pass: T5Pass) -> Result<Tensor> {
         if pass.next_block != self.config.num_layers {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 "T5 pass",
                 format!("finished after {} of {} blocks", pass.next_block, self.config.num_layers),
             ));

@@ -15,9 +15,9 @@ use hidream_memory::{
 };
 use hidream_weights::{Checkpoint, UnitBuffer};
 
-use super::llama::{LlamaLayer, LlamaStem};
-use super::t5::{T5Block, T5Stem};
-use crate::{PipelineError, Result};
+use crate::llama::{LlamaLayer, LlamaStem};
+use crate::t5::{T5Block, T5Stem};
+use crate::{Result, TextError};
 
 /// A text encoder's stem and the recipe of its layers.
 pub trait LayerStack: Send + Sync + 'static {
@@ -182,7 +182,7 @@ impl<S: LayerStack> LayerLoader<S> {
             let layer: Vec<String> =
                 checkpoint.tensor_names().filter(|name| name.starts_with(&prefix)).map(str::to_owned).collect();
             if layer.is_empty() {
-                return Err(PipelineError::invalid(
+                return Err(TextError::invalid(
                     prefix,
                     format!("no tensor of this layer in the checkpoint at {}", checkpoint.dir().display()),
                 ));
@@ -204,7 +204,7 @@ impl<S: LayerStack> UnitLoader for LayerLoader<S> {
     type Buffer = UnitBuffer;
     type Unit = S::Layer;
     type Fence = ();
-    type Error = PipelineError;
+    type Error = TextError;
 
     fn allocate(&self, bytes: u64) -> Result<UnitBuffer> {
         Ok(UnitBuffer::new(bytes, self.stack.dtype(), self.stack.device())?)
@@ -212,7 +212,7 @@ impl<S: LayerStack> UnitLoader for LayerLoader<S> {
 
     fn load_into(&self, layer_idx: usize, slot: &mut SlotBuffer<UnitBuffer, ()>) -> Result<Ready<S::Layer, ()>> {
         let names = self.names.get(layer_idx).ok_or_else(|| {
-            PipelineError::invalid(format!("layer {layer_idx}"), format!("out of {} layers", self.names.len()))
+            TextError::invalid(format!("layer {layer_idx}"), format!("out of {} layers", self.names.len()))
         })?;
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let (buffer, _consumed) = slot.reuse();

@@ -37,7 +37,7 @@ use serde::Deserialize;
 
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
-use crate::{PipelineError, Result};
+use crate::{Result, TextError};
 
 /// The fields of transformers' `LlamaConfig` the encoder uses, in both the transformers 4 layout
 /// (`rope_theta`, `rope_scaling`) and the transformers 5 one (`rope_parameters`).
@@ -186,12 +186,12 @@ impl LlamaStem {
         let config: LlamaConfig = read_config(dir)?;
         let config_file = || dir.join("config.json").display().to_string();
         if config.hidden_act != "silu" || config.attention_bias || config.mlp_bias {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 config_file(),
                 "only Llama with silu, no attention bias and no mlp bias is supported",
             ));
         }
-        let inv_freq = config.inv_freq().map_err(|problem| PipelineError::invalid(config_file(), problem))?;
+        let inv_freq = config.inv_freq().map_err(|problem| TextError::invalid(config_file(), problem))?;
         let tokenizer = PromptTokenizer::load(dir, PadWith::EosToken, Length::AtMostModelMax(MAX_SEQUENCE_LENGTH))?;
         let checkpoint = open_weights(dir)?;
         let vb = checkpoint.var_builder(dtype, device);
@@ -256,7 +256,7 @@ impl LlamaStem {
     /// Runs the next layer of the pass; layers must come in order.
     pub fn run_layer(&self, pass: &mut LlamaPass, layer: &LlamaLayer) -> Result<()> {
         if layer.layer_idx != pass.next_layer() {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 "Llama pass",
                 format!("layer {} given where layer {} comes next", layer.layer_idx, pass.next_layer()),
             ));
@@ -271,7 +271,7 @@ impl LlamaStem {
     pub fn finish(&self, pass: LlamaPass) -> Result<Tensor> {
         let mut states = pass.states;
         if states.len() != self.config.num_hidden_layers {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 "Llama pass",
                 format!("finished after {} of {} layers", states.len(), self.config.num_hidden_layers),
             ));

@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::{Schedule, check_float, check_same_shape, linspace, mul_scalar, scalar_mul, shift_f32, shift_f64};
-use crate::{PipelineError, Result};
+use crate::{Result, SchedulerError};
 
 /// The constructor arguments of `FlashFlowMatchEulerDiscreteScheduler` that the code reads, with
 /// its defaults (lines 67-80). `base_shift`, `max_shift`, `base_image_seq_len` and
@@ -54,7 +54,7 @@ impl FlashEulerConfig {
     /// Rejects degenerate settings and what is not implemented here.
     pub fn validate(&self) -> Result<()> {
         let invalid =
-            |problem: String| Err(PipelineError::invalid("FlashFlowMatchEulerDiscreteScheduler config", problem));
+            |problem: String| Err(SchedulerError::invalid("FlashFlowMatchEulerDiscreteScheduler config", problem));
         if self.num_train_timesteps < 2 {
             return invalid(format!("num_train_timesteps {} < 2 gives no schedule", self.num_train_timesteps));
         }
@@ -111,7 +111,7 @@ impl FlashEuler {
     /// `use_dynamic_shifting`.
     pub fn set_timesteps(&mut self, n_steps: usize, mu: f64) -> Result<&Schedule> {
         if n_steps == 0 {
-            return Err(PipelineError::invalid("FlashFlowMatchEuler set_timesteps", "0 steps"));
+            return Err(SchedulerError::invalid("FlashFlowMatchEuler set_timesteps", "0 steps"));
         }
         let n_train = self.config.num_train_timesteps as f64;
         // timesteps = linspace(sigma_max * N, sigma_min * N, n) and sigmas = timesteps / N, in f64.
@@ -132,7 +132,7 @@ impl FlashEuler {
         sigmas.push(0.0);
         // See FlowUniPc::set_timesteps: a repeated first timestep makes the reference start at index 1.
         if timesteps.iter().filter(|t| **t == timesteps[0]).count() > 1 {
-            return Err(PipelineError::invalid(
+            return Err(SchedulerError::invalid(
                 "FlashFlowMatchEuler set_timesteps",
                 format!("{n_steps} steps repeat the first timestep {}; the reference fails on them", timesteps[0]),
             ));
@@ -169,12 +169,12 @@ impl FlashEuler {
         let sigmas = match &self.schedule {
             Some(schedule) if step_idx == self.next_step && step_idx < schedule.n_steps() => schedule.sigmas(),
             Some(schedule) => {
-                return Err(PipelineError::invalid(
+                return Err(SchedulerError::invalid(
                     "FlashFlowMatchEuler step",
                     format!("step {step_idx} out of order: expected step {} of {}", self.next_step, schedule.n_steps()),
                 ));
             }
-            None => return Err(PipelineError::invalid("FlashFlowMatchEuler step", "set_timesteps was not called")),
+            None => return Err(SchedulerError::invalid("FlashFlowMatchEuler step", "set_timesteps was not called")),
         };
         check_float("FlashFlowMatchEuler model output", model_output)?;
         check_float("FlashFlowMatchEuler sample", sample)?;
@@ -182,7 +182,7 @@ impl FlashEuler {
         let sample = sample.to_dtype(DType::F32)?;
         let next = if step_idx + 1 < sigmas.len() - 1 {
             let noise = noise.ok_or_else(|| {
-                PipelineError::invalid("FlashFlowMatchEuler step", format!("step {step_idx} needs noise"))
+                SchedulerError::invalid("FlashFlowMatchEuler step", format!("step {step_idx} needs noise"))
             })?;
             check_float("FlashFlowMatchEuler noise", noise)?;
             check_same_shape("FlashFlowMatchEuler noise", noise, model_output)?;
@@ -272,12 +272,12 @@ mod tests {
         let mut fast = scheduler(3.0);
         fast.set_timesteps(3, 1.15)?;
         let sample = tensor(&[0.5, -1.0]);
-        assert!(matches!(fast.step(&sample, 0, &sample, None), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(fast.step(&sample, 0, &sample, None), Err(SchedulerError::Invalid { .. })));
         let short = tensor(&[1.0]);
-        assert!(matches!(fast.step(&sample, 0, &sample, Some(&short)), Err(PipelineError::Invalid { .. })));
-        assert!(matches!(fast.step(&sample, 1, &sample, Some(&sample)), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(fast.step(&sample, 0, &sample, Some(&short)), Err(SchedulerError::Invalid { .. })));
+        assert!(matches!(fast.step(&sample, 1, &sample, Some(&sample)), Err(SchedulerError::Invalid { .. })));
         let ints = Tensor::new(&[1u32, 2], &Device::Cpu)?;
-        assert!(matches!(fast.step(&ints, 0, &sample, Some(&sample)), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(fast.step(&ints, 0, &sample, Some(&sample)), Err(SchedulerError::Invalid { .. })));
         Ok(())
     }
 

@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
-use crate::{PipelineError, Result};
+use crate::{Result, TextError};
 
 /// The CLIP token limit `_get_clip_prompt_embeds` applies instead of the tokenizer's.
 const CLIP_TOKEN_LIMIT: usize = 218;
@@ -91,7 +91,7 @@ impl ClipTextEncoder {
             Length::Fixed(MAX_SEQUENCE_LENGTH.min(CLIP_TOKEN_LIMIT)),
         )?;
         if tokenizer.max_length() > config.max_position_embeddings {
-            return Err(PipelineError::invalid(
+            return Err(TextError::invalid(
                 encoder_dir.join("config.json").display().to_string(),
                 format!(
                     "max_position_embeddings {} is less than the {} tokens the pipeline feeds",
@@ -173,13 +173,13 @@ fn candle_config(config: &ClipConfig) -> CandleClipConfig {
 fn activation(config: &ClipConfig, dir: &Path) -> Result<Activation> {
     if config.hidden_act == "quick_gelu" {
         // Only reached with a layer norm eps other than candle-transformers' fixed 1e-5.
-        return Err(PipelineError::invalid(
+        return Err(TextError::invalid(
             dir.join("config.json").display().to_string(),
             format!("quick_gelu with layer_norm_eps {} is not supported", config.layer_norm_eps),
         ));
     }
     serde_json::from_value(serde_json::Value::String(config.hidden_act.clone())).map_err(|_| {
-        PipelineError::invalid(
+        TextError::invalid(
             dir.join("config.json").display().to_string(),
             format!("unsupported hidden_act `{}`", config.hidden_act),
         )

@@ -1,4 +1,10 @@
-//! The two official HiDream-I1 samplers, exact against the official code.
+//! The two official HiDream-I1 samplers, exact against the official code, and a plain
+//! flow-matching Euler loop ([`euler`]).
+//!
+//! This crate needs candle-core only: it must NOT know hidream-config (variants, transformer
+//! configs), weights, tokenizers, the model or memory budgets. It takes plain parameters (a shift,
+//! a `max_seq`, a diffusers `scheduler_config.json`); which sampler a HiDream-I1 variant uses is
+//! decided in hidream-pipeline (`hidream_pipeline::sampling`).
 //!
 //! The reference is the official HiDream-I1 code (github.com/HiDream-ai/HiDream-I1, `hi_diffusers/`)
 //! as the PyPI package `hdi1` 1.0.4 ships it (github.com/hykilpikonna/HiDream-I1-nf4: the official
@@ -17,8 +23,8 @@
 //!
 //! - The scheduler is built as `cls(num_train_timesteps=1000, shift=<variant shift>,
 //!   use_dynamic_shifting=False)` (`hdi1/nf4.py`, `MODEL_CONFIGS` and `load_models`), every other
-//!   argument at its default, whatever the checkpoint's `scheduler_config.json` says:
-//!   [`SchedulerConfig::for_variant`].
+//!   argument at its default, whatever the checkpoint's `scheduler_config.json` says
+//!   (`hidream_pipeline::sampling::scheduler_config_for_variant`).
 //! - The pipeline computes `mu = calculate_shift(transformer.max_seq)` ([`PipelineShift`]) and calls
 //!   `set_timesteps(n, shift=exp(mu))` for FlowUniPC: an *extra* shift, exp(1.15) = 3.158 for the
 //!   released transformer (max_seq 4096), which replaces the configured 3.0 inside `set_timesteps`
@@ -41,18 +47,20 @@
 //! LAPACK) are within an ulp or two of the correctly rounded result, and we use the correctly rounded
 //! one (f64 evaluation rounded to f32).
 
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod euler;
 pub mod flash_euler;
 pub mod flow_unipc;
 
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use hidream_config::{SchedulerKind, TransformerConfig, Variant};
 
+pub use error::{Result, SchedulerError};
 pub use flash_euler::{FlashEuler, FlashEulerConfig};
 pub use flow_unipc::{FlowUniPc, FlowUniPcConfig, PredictionType, SolverType};
-
-use crate::{PipelineError, Result};
 
 /// The timesteps and sigmas of one sampling run, as the reference scheduler holds them after
 /// `set_timesteps`.
@@ -101,20 +109,6 @@ impl PipelineShift {
         PipelineShift { mu: calculate_shift(max_seq) }
     }
 
-    /// `mu` for a transformer config: `max_seq = max_resolution[0] * max_resolution[1] / patch_size²`
-    /// (`transformer_hidream_image.py`, `__init__`).
-    pub fn for_transformer(cfg: &TransformerConfig) -> Result<Self> {
-        match cfg.max_resolution.as_slice() {
-            [rows, cols] if cfg.patch_size > 0 => {
-                Ok(Self::from_max_seq(rows * cols / (cfg.patch_size * cfg.patch_size)))
-            }
-            other => Err(PipelineError::invalid(
-                "transformer config",
-                format!("max_resolution {other:?} with patch_size {} gives no max_seq", cfg.patch_size),
-            )),
-        }
-    }
-
     /// The shift FlowUniPC's `set_timesteps` receives: `math.exp(mu)`.
     pub fn unipc_shift(self) -> f64 {
         self.mu.exp()
@@ -150,21 +144,6 @@ impl SchedulerConfig {
     /// The `_class_name` of FlashFlowMatchEuler in the official code.
     pub const FLASH_EULER_CLASS: &str = "FlashFlowMatchEulerDiscreteScheduler";
 
-    /// The scheduler a variant's official pipeline builds (`hdi1/nf4.py`, `MODEL_CONFIGS` and
-    /// `load_models`): 1000 training timesteps, the variant's shift, no dynamic shifting, every
-    /// other argument at its default.
-    pub fn for_variant(variant: Variant) -> Self {
-        let defaults = variant.defaults();
-        match defaults.scheduler {
-            SchedulerKind::FlowUniPc => {
-                SchedulerConfig::FlowUniPc(FlowUniPcConfig { shift: defaults.shift, ..FlowUniPcConfig::default() })
-            }
-            SchedulerKind::FlashFlowMatchEuler => {
-                SchedulerConfig::FlashEuler(FlashEulerConfig { shift: defaults.shift, ..FlashEulerConfig::default() })
-            }
-        }
-    }
-
     /// Parses a diffusers `scheduler_config.json`. Keys the reference does not read (and unknown
     /// ones) are ignored; a missing key takes the reference's default.
     pub fn from_json(json: &str) -> Result<Self> {
@@ -174,24 +153,24 @@ impl SchedulerConfig {
     /// Reads and parses a `scheduler_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
         let json =
-            std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+            std::fs::read_to_string(path).map_err(|source| SchedulerError::Io { path: path.to_path_buf(), source })?;
         Self::parse(&json, &path.display().to_string())
     }
 
     fn parse(json: &str, what: &str) -> Result<Self> {
         let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|err| PipelineError::invalid(what, err.to_string()))?;
+            serde_json::from_str(json).map_err(|err| SchedulerError::invalid(what, err.to_string()))?;
         let class = value.get("_class_name").and_then(serde_json::Value::as_str).unwrap_or("");
         let config = match class {
             Self::FLOW_UNIPC_CLASS => SchedulerConfig::FlowUniPc(
-                serde_json::from_value(value).map_err(|err| PipelineError::invalid(what, err.to_string()))?,
+                serde_json::from_value(value).map_err(|err| SchedulerError::invalid(what, err.to_string()))?,
             ),
             Self::FLASH_EULER_CLASS => SchedulerConfig::FlashEuler(
-                serde_json::from_value(value).map_err(|err| PipelineError::invalid(what, err.to_string()))?,
+                serde_json::from_value(value).map_err(|err| SchedulerError::invalid(what, err.to_string()))?,
             ),
-            "" => return Err(PipelineError::invalid(what, "no \"_class_name\"")),
+            "" => return Err(SchedulerError::invalid(what, "no \"_class_name\"")),
             other => {
-                return Err(PipelineError::invalid(
+                return Err(SchedulerError::invalid(
                     what,
                     format!(
                         "_class_name {other:?} is not an official HiDream sampler (expected {} or {}); \
@@ -212,13 +191,6 @@ impl SchedulerConfig {
         match self {
             SchedulerConfig::FlowUniPc(config) => config.validate(),
             SchedulerConfig::FlashEuler(config) => config.validate(),
-        }
-    }
-
-    pub fn kind(&self) -> SchedulerKind {
-        match self {
-            SchedulerConfig::FlowUniPc(_) => SchedulerKind::FlowUniPc,
-            SchedulerConfig::FlashEuler(_) => SchedulerKind::FlashFlowMatchEuler,
         }
     }
 }
@@ -246,26 +218,9 @@ impl Scheduler {
         Ok(Scheduler { inner, shift })
     }
 
-    /// The scheduler of a released variant, for the released transformer ([`PipelineShift::default`]).
-    pub fn for_variant(variant: Variant) -> Self {
-        // The variant presets are valid by construction.
-        let inner = match SchedulerConfig::for_variant(variant) {
-            SchedulerConfig::FlowUniPc(config) => Inner::FlowUniPc(FlowUniPc::new_unchecked(config)),
-            SchedulerConfig::FlashEuler(config) => Inner::FlashEuler(FlashEuler::new_unchecked(config)),
-        };
-        Scheduler { inner, shift: PipelineShift::default() }
-    }
-
     /// Reads a diffusers `scheduler/scheduler_config.json` ([`SchedulerConfig::from_file`]).
     pub fn from_config_file(path: &Path, shift: PipelineShift) -> Result<Self> {
         Self::new(SchedulerConfig::from_file(path)?, shift)
-    }
-
-    pub fn kind(&self) -> SchedulerKind {
-        match &self.inner {
-            Inner::FlowUniPc(_) => SchedulerKind::FlowUniPc,
-            Inner::FlashEuler(_) => SchedulerKind::FlashFlowMatchEuler,
-        }
     }
 
     pub fn pipeline_shift(&self) -> PipelineShift {
@@ -385,7 +340,7 @@ fn shift_f64(sigma: f64, shift: f64) -> f64 {
 fn check_float(what: &str, tensor: &Tensor) -> Result<()> {
     match tensor.dtype() {
         DType::F16 | DType::BF16 | DType::F32 | DType::F64 => Ok(()),
-        other => Err(PipelineError::invalid(what, format!("dtype {other:?} is not a float dtype"))),
+        other => Err(SchedulerError::invalid(what, format!("dtype {other:?} is not a float dtype"))),
     }
 }
 
@@ -393,7 +348,7 @@ fn check_same_shape(what: &str, tensor: &Tensor, expected: &Tensor) -> Result<()
     if tensor.dims() == expected.dims() {
         Ok(())
     } else {
-        Err(PipelineError::invalid(what, format!("shape {:?}, expected {:?}", tensor.dims(), expected.dims())))
+        Err(SchedulerError::invalid(what, format!("shape {:?}, expected {:?}", tensor.dims(), expected.dims())))
     }
 }
 
@@ -464,39 +419,10 @@ mod tests {
         assert_eq!(calculate_shift(256), 0.5);
     }
 
-    #[test]
-    fn pipeline_shift_reads_the_transformer_config() -> Result<()> {
-        let mut cfg = TransformerConfig::full();
-        assert_eq!(PipelineShift::for_transformer(&cfg)?, PipelineShift::default());
-        cfg.max_resolution = vec![128];
-        assert!(matches!(PipelineShift::for_transformer(&cfg), Err(PipelineError::Invalid { .. })));
-        Ok(())
-    }
-
-    #[test]
-    fn variants_get_their_official_schedulers() {
-        let cases = [
-            (Variant::Full, SchedulerKind::FlowUniPc, 3.0),
-            (Variant::Dev, SchedulerKind::FlashFlowMatchEuler, 6.0),
-            (Variant::Fast, SchedulerKind::FlashFlowMatchEuler, 3.0),
-        ];
-        for (variant, kind, shift) in cases {
-            let config = SchedulerConfig::for_variant(variant);
-            assert_eq!(config.kind(), kind);
-            let configured_shift = match &config {
-                SchedulerConfig::FlowUniPc(config) => config.shift,
-                SchedulerConfig::FlashEuler(config) => config.shift,
-            };
-            assert_eq!(configured_shift, shift, "{variant}");
-            assert!(config.validate().is_ok());
-            assert_eq!(Scheduler::for_variant(variant).kind(), kind);
-        }
-    }
-
     /// Asserts that `json` is rejected with an `Invalid` error whose message contains `needle`.
     fn check_rejected(json: &str, needle: &str) {
         match SchedulerConfig::from_json(json) {
-            Err(PipelineError::Invalid { problem, .. }) => {
+            Err(SchedulerError::Invalid { problem, .. }) => {
                 assert!(problem.contains(needle), "{json}: {problem:?} lacks {needle:?}")
             }
             other => panic!("{json}: expected an Invalid error, got {other:?}"),
@@ -537,7 +463,8 @@ mod tests {
         // `midpoint`, `heun` and `logrho` are registered as bh2, as the reference's `__init__` does.
         assert_eq!(config, FlowUniPcConfig { shift: 3.0, ..FlowUniPcConfig::default() });
         let json = r#"{"_class_name": "FlashFlowMatchEulerDiscreteScheduler", "shift": 6.0, "base_shift": 0.5}"#;
-        assert_eq!(SchedulerConfig::from_json(json)?, SchedulerConfig::for_variant(Variant::Dev));
+        let dev = SchedulerConfig::FlashEuler(FlashEulerConfig { shift: 6.0, ..FlashEulerConfig::default() });
+        assert_eq!(SchedulerConfig::from_json(json)?, dev);
         Ok(())
     }
 
@@ -579,6 +506,6 @@ mod tests {
     fn missing_config_file_is_an_io_error() {
         let err =
             Scheduler::from_config_file(Path::new("/nonexistent/scheduler_config.json"), PipelineShift::default());
-        assert!(matches!(err, Err(PipelineError::Io { .. })), "{err:?}");
+        assert!(matches!(err, Err(SchedulerError::Io { .. })), "{err:?}");
     }
 }

@@ -16,9 +16,18 @@
 //! business (diffusers encodes `""`).
 //!
 //! Weights are read through `hidream_weights::Checkpoint`: a folder with one `*.safetensors` file,
-//! or transformers' `model.safetensors.index.json` with its shards.
+//! or transformers' `model.safetensors.index.json` with its shards. [`resolve_folder`] finds a
+//! model folder in the local Hugging Face Hub cache.
+//!
+//! This is the only crate of the workspace that knows tokenizers and the Hub cache (the
+//! `tokenizers` and `hf-hub` crates). It must NOT know the transformer (hidream-model), the
+//! pipeline, the samplers or the command line; Llama streams through hidream-memory's generic
+//! scheduler, with no HiDream transformer types involved.
+#![forbid(unsafe_code)]
 
 pub mod clip;
+mod error;
+mod hub;
 pub mod llama;
 pub mod streamed;
 pub mod t5;
@@ -31,11 +40,11 @@ use hidream_weights::Checkpoint;
 use serde::de::DeserializeOwned;
 
 pub use clip::ClipTextEncoder;
+pub use error::{Result, TextError};
+pub use hub::resolve_folder;
 pub use llama::{LlamaLayer, LlamaPass, LlamaStem, LlamaTextEncoder};
 pub use t5::T5TextEncoder;
 pub use tokenize::{Length, PadWith, PromptTokenizer, Tokens};
-
-use crate::{PipelineError, Result};
 
 /// The pipeline's `max_sequence_length` (diffusers' default): T5 and Llama get
 /// `min(128, model_max_length)` tokens, the CLIPs `min(128, 218)`.
@@ -122,11 +131,11 @@ pub(crate) fn open_weights(dir: &Path) -> Result<Checkpoint> {
         return Ok(Checkpoint::open(&index)?);
     }
     let has_safetensors = std::fs::read_dir(dir)
-        .map_err(|source| PipelineError::Io { path: dir.to_owned(), source })?
+        .map_err(|source| TextError::Io { path: dir.to_owned(), source })?
         .filter_map(std::result::Result::ok)
         .any(|entry| entry.path().extension().is_some_and(|ext| ext == "safetensors"));
     if !has_safetensors {
-        return Err(PipelineError::MissingFile {
+        return Err(TextError::MissingFile {
             path: dir.join("model.safetensors"),
             hint: format!(
                 "download the model's safetensors weights (and `{TRANSFORMERS_INDEX}` if sharded) into {}",
@@ -141,11 +150,11 @@ pub(crate) fn open_weights(dir: &Path) -> Result<Checkpoint> {
 pub(crate) fn read_config<T: DeserializeOwned>(dir: &Path) -> Result<T> {
     let path = dir.join("config.json");
     if !path.is_file() {
-        return Err(PipelineError::MissingFile {
+        return Err(TextError::MissingFile {
             path,
             hint: "download the model folder with its `config.json` (transformers' `save_pretrained` writes it)".into(),
         });
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| PipelineError::Io { path: path.clone(), source })?;
-    serde_json::from_str(&text).map_err(|err| PipelineError::invalid(path.display().to_string(), err.to_string()))
+    let text = std::fs::read_to_string(&path).map_err(|source| TextError::Io { path: path.clone(), source })?;
+    serde_json::from_str(&text).map_err(|err| TextError::invalid(path.display().to_string(), err.to_string()))
 }

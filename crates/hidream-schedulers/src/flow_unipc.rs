@@ -16,7 +16,7 @@ use super::{
     Schedule, add_scalar, check_float, check_same_shape, div_scalar, linspace, mul_scalar, scalar_mul, shift_f32,
     shift_f64,
 };
-use crate::{PipelineError, Result};
+use crate::{Result, SchedulerError};
 
 /// The constructor arguments of `FlowUniPCMultistepScheduler` that the code reads, with its defaults
 /// (lines 77-95). `timestep_spacing`, `steps_offset`, `dynamic_thresholding_ratio` and
@@ -71,7 +71,7 @@ impl Default for FlowUniPcConfig {
 impl FlowUniPcConfig {
     /// Rejects what the reference rejects or breaks on, and what is not implemented here.
     pub fn validate(&self) -> Result<()> {
-        let invalid = |problem: String| Err(PipelineError::invalid("FlowUniPCMultistepScheduler config", problem));
+        let invalid = |problem: String| Err(SchedulerError::invalid("FlowUniPCMultistepScheduler config", problem));
         if self.num_train_timesteps < 2 {
             return invalid(format!("num_train_timesteps {} < 2 gives no schedule", self.num_train_timesteps));
         }
@@ -169,10 +169,10 @@ impl FlowUniPc {
     /// `shift = exp(mu)`. Resets the multistep state.
     pub fn set_timesteps(&mut self, n_steps: usize, shift: f64) -> Result<&Schedule> {
         if n_steps == 0 {
-            return Err(PipelineError::invalid("FlowUniPC set_timesteps", "0 steps"));
+            return Err(SchedulerError::invalid("FlowUniPC set_timesteps", "0 steps"));
         }
         if !(shift.is_finite() && shift > 0.0) {
-            return Err(PipelineError::invalid("FlowUniPC set_timesteps", format!("shift {shift}")));
+            return Err(SchedulerError::invalid("FlowUniPC set_timesteps", format!("shift {shift}")));
         }
         let n_train = self.config.num_train_timesteps as f64;
         // linspace(sigma_max, sigma_min = 0, n + 1)[:-1] in f64, shifted in f64.
@@ -188,7 +188,7 @@ impl FlowUniPc {
         // step reads sigmas[n + 1], which raises. Such schedules (from 355 steps on for Full) are
         // refused.
         if timesteps.iter().filter(|t| **t == timesteps[0]).count() > 1 {
-            return Err(PipelineError::invalid(
+            return Err(SchedulerError::invalid(
                 "FlowUniPC set_timesteps",
                 format!("{n_steps} steps repeat the first timestep {}; the reference fails on them", timesteps[0]),
             ));
@@ -213,7 +213,7 @@ impl FlowUniPc {
         check_float("FlowUniPC sample", sample)?;
         check_same_shape("FlowUniPC model output", model_output, sample)?;
         if model_output.dtype() != sample.dtype() {
-            return Err(PipelineError::invalid(
+            return Err(SchedulerError::invalid(
                 "FlowUniPC model output",
                 format!("dtype {:?}, the sample's is {:?}", model_output.dtype(), sample.dtype()),
             ));
@@ -255,9 +255,9 @@ impl FlowUniPc {
         let schedule = self
             .schedule
             .as_ref()
-            .ok_or_else(|| PipelineError::invalid("FlowUniPC step", "set_timesteps was not called"))?;
+            .ok_or_else(|| SchedulerError::invalid("FlowUniPC step", "set_timesteps was not called"))?;
         if step_idx != self.next_step || step_idx >= schedule.n_steps() {
-            return Err(PipelineError::invalid(
+            return Err(SchedulerError::invalid(
                 "FlowUniPC step",
                 format!("step {step_idx} out of order: expected step {} of {}", self.next_step, schedule.n_steps()),
             ));
@@ -275,7 +275,7 @@ impl FlowUniPc {
             .len()
             .checked_sub(back + 1)
             .and_then(|idx| self.model_outputs[idx].as_ref())
-            .ok_or_else(|| PipelineError::invalid("FlowUniPC", format!("no model output {back} steps back")))
+            .ok_or_else(|| SchedulerError::invalid("FlowUniPC", format!("no model output {back} steps back")))
     }
 
     /// `convert_model_output` (lines 279-347): `x0 = x - sigma * v`, or `eps = x - (1 - sigma) * v`.
@@ -438,7 +438,7 @@ fn solve(r: &[Vec<f32>], b: &[f32]) -> Result<Vec<f32>> {
     for col in 0..n {
         let pivot = (col..n).fold(col, |best, row| if a[row][col].abs() > a[best][col].abs() { row } else { best });
         if a[pivot][col] == 0.0 {
-            return Err(PipelineError::invalid("FlowUniPC", "the UniPC system is singular (repeated sigmas)"));
+            return Err(SchedulerError::invalid("FlowUniPC", "the UniPC system is singular (repeated sigmas)"));
         }
         a.swap(col, pivot);
         x.swap(col, pivot);
@@ -468,7 +468,7 @@ fn round_to(values: &[f32], dtype: DType, like: &Tensor) -> Result<Vec<f32>> {
 
 /// `einsum("k,bkc...->bc...", rhos, D1s)`: accumulated in f32 (f64 for f64 tensors), rounded once.
 fn weighted_sum(rhos: &[f32], d1s: &[Tensor]) -> Result<Tensor> {
-    let (first, rest) = d1s.split_first().ok_or_else(|| PipelineError::invalid("FlowUniPC", "empty D1s"))?;
+    let (first, rest) = d1s.split_first().ok_or_else(|| SchedulerError::invalid("FlowUniPC", "empty D1s"))?;
     if rest.is_empty() {
         return Ok(mul_scalar(first, rhos[0])?);
     }
@@ -486,7 +486,7 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
-    use crate::schedulers::PipelineShift;
+    use crate::PipelineShift;
 
     fn full() -> FlowUniPc {
         FlowUniPc::new(FlowUniPcConfig { shift: 3.0, ..FlowUniPcConfig::default() }).expect("valid preset")
@@ -570,13 +570,13 @@ mod tests {
     fn steps_must_come_in_order_after_set_timesteps() -> Result<()> {
         let mut scheduler = full();
         let sample = tensor(&[1.0]);
-        assert!(matches!(scheduler.step(&sample, 0, &sample), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(scheduler.step(&sample, 0, &sample), Err(SchedulerError::Invalid { .. })));
         scheduler.set_timesteps(3, 3.0)?;
-        assert!(matches!(scheduler.step(&sample, 1, &sample), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(scheduler.step(&sample, 1, &sample), Err(SchedulerError::Invalid { .. })));
         let next = scheduler.step(&sample, 0, &sample)?;
-        assert!(matches!(scheduler.step(&sample, 0, &next), Err(PipelineError::Invalid { .. })));
-        assert!(matches!(scheduler.step(&tensor(&[1.0, 2.0]), 1, &next), Err(PipelineError::Invalid { .. })));
-        assert!(matches!(scheduler.set_timesteps(0, 3.0), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(scheduler.step(&sample, 0, &next), Err(SchedulerError::Invalid { .. })));
+        assert!(matches!(scheduler.step(&tensor(&[1.0, 2.0]), 1, &next), Err(SchedulerError::Invalid { .. })));
+        assert!(matches!(scheduler.set_timesteps(0, 3.0), Err(SchedulerError::Invalid { .. })));
         Ok(())
     }
 
@@ -586,7 +586,7 @@ mod tests {
         let shift = PipelineShift::default().unipc_shift();
         // Python: 354 steps start 999, 996, ...; 355 steps start 999, 999 (index_for_timestep picks 1).
         assert!(scheduler.set_timesteps(354, shift).is_ok());
-        assert!(matches!(scheduler.set_timesteps(355, shift), Err(PipelineError::Invalid { .. })));
+        assert!(matches!(scheduler.set_timesteps(355, shift), Err(SchedulerError::Invalid { .. })));
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use tokenizers::{
     TruncationStrategy,
 };
 
-use crate::{PipelineError, Result};
+use crate::{Result, TextError};
 
 /// The token the pipeline pads with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +113,7 @@ impl PromptTokenizer {
     pub fn load(dir: &Path, pad: PadWith, length: Length) -> Result<PromptTokenizer> {
         let file = dir.join("tokenizer.json");
         if !file.is_file() {
-            return Err(PipelineError::MissingFile {
+            return Err(TextError::MissingFile {
                 path: file,
                 hint: format!(
                     "the text stack needs fast tokenizers; transformers writes `tokenizer.json` with \
@@ -233,12 +233,12 @@ fn read_json_if_present(path: &Path) -> Result<Value> {
     if !path.is_file() {
         return Ok(Value::Null);
     }
-    let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| TextError::Io { path: path.to_owned(), source })?;
     serde_json::from_str(&text).map_err(|err| invalid_file(path, err.to_string()))
 }
 
-fn invalid_file(path: &Path, problem: String) -> PipelineError {
-    PipelineError::Invalid { what: path.display().to_string(), problem }
+fn invalid_file(path: &Path, problem: String) -> TextError {
+    TextError::Invalid { what: path.display().to_string(), problem }
 }
 
 #[cfg(test)]
