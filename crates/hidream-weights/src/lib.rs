@@ -28,6 +28,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod atomic;
 mod checkpoint;
 mod error;
 mod header;
@@ -36,6 +37,7 @@ mod mmap;
 mod synth;
 mod var_builder;
 
+pub use atomic::{check_writable, write_atomic};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use error::{Result, WeightsError};
 pub use inputs::{InputSpec, read_tensors, synthetic_inputs, write_tensors};
