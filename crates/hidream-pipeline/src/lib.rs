@@ -8,6 +8,8 @@
 //! - [`text`]: the four text encoders and their tokenizers.
 //! - [`vae`]: the Flux 16-channel AutoencoderKL decoder with tiling and slicing.
 //! - [`generate`]: text to image, stage by stage, under a memory policy.
+//! - [`planning`]: what fits in a memory budget and how fast it can run, from the config alone;
+//!   image sizes (width × height) and diffusers' size rescaling.
 //!
 //! This crate wires the others; it is the first that knows weights, memory and model together.
 //! It must not know the command line: the `hidream` binary is a thin layer over it.
@@ -16,6 +18,7 @@
 mod error;
 pub mod euler;
 pub mod generate;
+pub mod planning;
 pub mod runner;
 pub mod schedulers;
 pub mod text;
