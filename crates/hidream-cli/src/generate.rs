@@ -22,10 +22,10 @@ use crate::residency::{ResidencyArgs, write_json};
 pub struct GenerateArgs {
     /// A HiDream-I1 folder in the Hugging Face layout (transformer/, vae/, text_encoder*/,
     /// tokenizer*/, scheduler/), or a repo id such as HiDream-ai/HiDream-I1-Dev in the local Hub cache.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::non_empty)]
     model: String,
     /// A Llama-3.1-8B-Instruct folder (transformers layout), or a repo id in the local Hub cache.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::non_empty)]
     llama: String,
     #[arg(long)]
     prompt: String,
@@ -36,7 +36,7 @@ pub struct GenerateArgs {
     variant: Variant,
     /// Requested size WIDTHxHEIGHT in pixels, width first as in diffusers (1360x768 is
     /// landscape); HiDream rescales it to about 1024² in area (a notice says so).
-    #[arg(long, value_parser = parse::image_size, allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse::image_size, allow_hyphen_values = true)]
     size: Option<ImageSize>,
     /// Denoising steps, 1 to 1000 (default: Full 50, Dev 28, Fast 16).
     #[arg(long, value_parser = parse::steps, allow_negative_numbers = true)]
@@ -67,7 +67,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     output_latents: Option<PathBuf>,
     /// diffusers' `default_sample_size` (the generated area is about (this × 8)²).
-    #[arg(long, default_value_t = 128, hide = true, value_parser = parse::positive, allow_negative_numbers = true)]
+    #[arg(long, default_value_t = 128, hide = true, value_parser = parse::sample_size, allow_negative_numbers = true)]
     default_sample_size: usize,
     #[command(flatten)]
     residency: ResidencyArgs,

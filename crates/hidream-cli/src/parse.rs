@@ -31,6 +31,20 @@ pub fn steps(text: &str) -> Result<usize, String> {
     }
 }
 
+/// The most `--default-sample-size` takes: images of about 8192² pixels.
+pub const MAX_SAMPLE_SIZE: usize = 1024;
+
+/// diffusers' `default_sample_size`: 1 to [`MAX_SAMPLE_SIZE`] latent pixels.
+pub fn sample_size(text: &str) -> Result<usize, String> {
+    match positive(text)? {
+        size if size > MAX_SAMPLE_SIZE => Err(format!(
+            "{size} is more than {MAX_SAMPLE_SIZE} (images of about {side}² pixels)",
+            side = MAX_SAMPLE_SIZE * 8
+        )),
+        size => Ok(size),
+    }
+}
+
 /// A u64 seed.
 pub fn seed(text: &str) -> Result<u64, String> {
     let trimmed = text.trim();
@@ -64,6 +78,15 @@ pub fn image_size(text: &str) -> Result<ImageSize, String> {
 /// A latent size in latent pixels, `WIDTHxHEIGHT`, as `(width, height)`.
 pub fn latent_size(text: &str) -> Result<ImageSize, String> {
     text.parse::<ImageSize>().map_err(|err| format!("{err} (latent pixels; the image is 8 times larger)"))
+}
+
+/// A folder or a repo id: anything but an empty value.
+pub fn non_empty(text: &str) -> Result<String, String> {
+    if text.trim().is_empty() {
+        Err("expected a folder or a Hugging Face repo id, got an empty value".to_owned())
+    } else {
+        Ok(text.to_owned())
+    }
 }
 
 /// A byte size: `5GB`, `512MiB`, `1073741824`.
@@ -123,6 +146,8 @@ mod tests {
         check(count, "0", Ok(0));
         check(steps, "1000", Ok(1000));
         check(steps, "1001", Err("more than 1000"));
+        check(sample_size, "128", Ok(128));
+        check(sample_size, "100000", Err("more than 1024"));
         check(seed, "18446744073709551615", Ok(u64::MAX));
         check(seed, "18446744073709551616", Err("larger than"));
         check(non_negative, "0", Ok(0.0));

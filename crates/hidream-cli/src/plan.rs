@@ -27,11 +27,11 @@ pub struct PlanArgs {
     preset: String,
     /// GPU memory for weights: bytes (8GiB, 512MiB, 1.5GB) or a share of the weights in --dtype
     /// (25%). Without it, every weight stays resident.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     budget: Option<Budget>,
     /// Image size WIDTHxHEIGHT in pixels, width first as in diffusers and `generate --size`
     /// (1360x768 is landscape); both multiples of 16. The latent is 8 times smaller.
-    #[arg(long, default_value = "1024x1024", value_parser = parse::image_size, allow_negative_numbers = true)]
+    #[arg(long, default_value = "1024x1024", value_parser = parse::image_size, allow_hyphen_values = true)]
     size: ImageSize,
     /// The variant, which sets the steps and guidance: full (50 steps, CFG), dev (28) or fast (16).
     #[arg(long, default_value = "full")]

@@ -44,7 +44,7 @@ pub struct ResidencyArgs {
     residency: Option<PolicyKind>,
     /// The device-tier budget for weights: bytes (`8GiB`, `512MiB`) or a share of the weight bytes
     /// in the compute dtype (`25%`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     budget: Option<Budget>,
     /// Streamed units loaded ahead of the one computing (0: load, run, free, without overlap).
     #[arg(long, default_value_t = DEFAULT_PREFETCH_DEPTH, value_parser = parse::count, allow_negative_numbers = true)]

@@ -15,7 +15,7 @@ pub struct SynthArgs {
     #[arg(long, default_value = "small")]
     preset: String,
     /// Keep only D double and S single blocks of the preset (`--layers 4,4`): a full-width slice.
-    #[arg(long, value_parser = parse::layers, allow_negative_numbers = true)]
+    #[arg(long, value_parser = parse::layers, allow_hyphen_values = true)]
     layers: Option<(usize, usize)>,
     /// Write a checkpoint (config.json + safetensors, diffusers layout) into this folder.
     #[arg(long)]
@@ -37,7 +37,7 @@ pub struct SynthArgs {
     batch: usize,
     /// Inputs: latent size WIDTHxHEIGHT in latent pixels, width first as `generate --size` (the
     /// image is 8 times larger; `hidden_states` is [B, C, HEIGHT, WIDTH]); multiples of the patch size.
-    #[arg(long, default_value = "32x32", value_parser = parse::latent_size, allow_negative_numbers = true)]
+    #[arg(long, default_value = "32x32", value_parser = parse::latent_size, allow_hyphen_values = true)]
     latent: ImageSize,
     /// Inputs: T5 tokens.
     #[arg(long, default_value_t = 128, value_parser = parse::positive, allow_negative_numbers = true)]
