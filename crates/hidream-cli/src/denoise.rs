@@ -13,37 +13,28 @@ use hidream_weights::Checkpoint;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::forward::read_inputs;
-use crate::residency::{HeapProbe, ResidencyArgs, max_abs_diff, report, write_json};
+use crate::parse;
+use crate::residency::{HeapProbe, TransformerArgs, max_abs_diff, report, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct DenoiseArgs {
-    /// The transformer checkpoint: a diffusers `transformer/` folder, or a model folder holding one.
-    #[arg(long)]
-    model: PathBuf,
-    /// Inputs as for `forward`; `hidden_states` is the initial noise and `timesteps` is ignored.
-    #[arg(long)]
-    inputs: PathBuf,
-    /// Where to write the final latents, under `sample` (f32).
-    #[arg(long)]
-    out: PathBuf,
-    /// Euler steps, with sigmas falling linearly from 1 to 0.
-    #[arg(long, default_value_t = 4)]
+    #[command(flatten)]
+    run: TransformerArgs,
+    /// Euler steps, with sigmas falling linearly from 1 to 0 (1 to 1000).
+    #[arg(long, default_value_t = 4, value_parser = parse::steps, allow_negative_numbers = true)]
     steps: usize,
-    /// Compute dtype; weights are converted to it as they load.
-    #[arg(long, default_value = "f32")]
-    dtype: hidream_config::DType,
     /// Report max |out − REF.sample| for this reference output (checks bit-identity across policies).
     #[arg(long)]
     compare_to: Option<PathBuf>,
-    #[command(flatten)]
-    residency: ResidencyArgs,
 }
 
 pub fn run(args: &DenoiseArgs) -> Result<()> {
+    let run = &args.run;
+    run.check_outputs()?;
     let started = Instant::now();
-    let inputs = read_inputs(&args.inputs, &Device::Cpu)?;
+    let inputs = read_inputs(&run.inputs, &Device::Cpu)?;
     let schedule = EulerSchedule::linear(args.steps)?;
-    let (mut runner, config) = args.residency.open_runner(Checkpoint::open(&args.model)?, args.dtype)?;
+    let (mut runner, config) = run.residency.open_runner(Checkpoint::open(&run.model)?, run.dtype)?;
     let loaded = started.elapsed().as_secs_f64();
 
     let text = TextConditioning {
@@ -78,15 +69,15 @@ pub fn run(args: &DenoiseArgs) -> Result<()> {
         value["max_abs_diff"] = f64::from(max_abs_diff(&sample, &reference)?).into();
     }
     let dims = sample.dims().to_vec();
-    hidream_weights::write_tensors(&args.out, &HashMap::from([("sample".to_owned(), sample)]))?;
-    println!(
+    hidream_weights::write_tensors(&run.out, &HashMap::from([("sample".to_owned(), sample)]))?;
+    outln!(
         "latents {dims:?} after {} steps -> {} ({:.3} s/step, {})",
         args.steps,
-        args.out.display(),
+        run.out.display(),
         value["seconds_per_step"].as_f64().unwrap_or(f64::NAN),
         runner.plan()
-    );
-    if let Some(path) = &args.residency.report {
+    )?;
+    if let Some(path) = &run.residency.report {
         write_json(path, &value)?;
     }
     Ok(())

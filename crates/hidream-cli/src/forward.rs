@@ -2,46 +2,33 @@
 //! policy.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use hidream_model::TransformerInputs;
 use hidream_pipeline::Precompute;
 use hidream_weights::Checkpoint;
 
-use crate::residency::{HeapProbe, ResidencyArgs, report, write_json};
+use crate::parse;
+use crate::residency::{HeapProbe, TransformerArgs, report, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
-    /// The transformer checkpoint: a diffusers `transformer/` folder, or a model folder holding one.
-    #[arg(long)]
-    model: PathBuf,
-    /// Safetensors file with `hidden_states`, `timesteps`, `encoder_hidden_states_t5`,
-    /// `encoder_hidden_states_llama3` and `pooled_embeds`.
-    #[arg(long)]
-    inputs: PathBuf,
-    /// Where to write `sample` (f32).
-    #[arg(long)]
-    out: PathBuf,
-    /// Compute dtype; weights are converted to it as they load.
-    #[arg(long, default_value = "f32")]
-    dtype: hidream_config::DType,
-    /// Run the forward this many times after one warm-up run, and report each time (benchmarks).
-    #[arg(long, default_value_t = 1)]
-    repeat: usize,
     #[command(flatten)]
-    residency: ResidencyArgs,
+    run: TransformerArgs,
+    /// Run the forward this many times after one warm-up run, and report each time (benchmarks).
+    #[arg(long, default_value_t = 1, value_parser = parse::positive, allow_negative_numbers = true)]
+    repeat: usize,
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
-    if args.repeat == 0 {
-        bail!("--repeat must be at least 1");
-    }
+    let run = &args.run;
+    run.check_outputs()?;
     let started = Instant::now();
-    let inputs = read_inputs(&args.inputs, &Device::Cpu)?;
-    let (mut runner, config) = args.residency.open_runner(Checkpoint::open(&args.model)?, args.dtype)?;
+    let inputs = read_inputs(&run.inputs, &Device::Cpu)?;
+    let (mut runner, config) = run.residency.open_runner(Checkpoint::open(&run.model)?, run.dtype)?;
     let loaded = started.elapsed().as_secs_f64();
 
     // With the per-prompt precomputation, the prompt's work is done once, outside the timings.
@@ -61,9 +48,9 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let prepare_seconds = prepare_started.elapsed().as_secs_f64();
     let warm_up = usize::from(args.repeat > 1);
     let mut probe = HeapProbe::default();
-    let mut seconds = Vec::with_capacity(args.repeat + warm_up);
+    let mut seconds = Vec::new();
     let mut sample = None;
-    for _ in 0..args.repeat + warm_up {
+    for _ in 0..args.repeat.saturating_add(warm_up) {
         probe.start();
         let forward_started = Instant::now();
         sample = Some(match &prepared {
@@ -76,16 +63,16 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let seconds = seconds.split_off(warm_up);
     let sample = sample.context("no forward ran")?.to_dtype(DType::F32)?;
     let dims = sample.dims().to_vec();
-    hidream_weights::write_tensors(&args.out, &HashMap::from([("sample".to_owned(), sample)]))?;
+    hidream_weights::write_tensors(&run.out, &HashMap::from([("sample".to_owned(), sample)]))?;
     let median = median(&seconds);
-    println!(
+    outln!(
         "sample {dims:?} {} -> {} (load {loaded:.3} s, forward {median:.3} s{}, {})",
-        args.dtype,
-        args.out.display(),
+        run.dtype,
+        run.out.display(),
         if seconds.len() > 1 { format!(" median of {}", seconds.len()) } else { String::new() },
         runner.plan(),
-    );
-    if let Some(path) = &args.residency.report {
+    )?;
+    if let Some(path) = &run.residency.report {
         let mut value = report(&runner, &config, &probe, &seconds);
         value["load_seconds"] = loaded.into();
         value["prepare_seconds"] = prepare_seconds.into();

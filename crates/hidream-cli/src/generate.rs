@@ -9,20 +9,23 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::Variant;
 use hidream_memory::CountingAllocator;
 use hidream_pipeline::generate::{Event, GenerateRequest, GenerateSettings, ModelFolder, generate};
+use hidream_pipeline::planning::ImageSize;
 use hidream_pipeline::vae::DecodeOptions;
+use image::codecs::png::PngEncoder;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use crate::parse;
 use crate::residency::{ResidencyArgs, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// A HiDream-I1 folder in the Hugging Face layout (transformer/, vae/, text_encoder*/,
     /// tokenizer*/, scheduler/), or a repo id such as HiDream-ai/HiDream-I1-Dev in the local Hub cache.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::non_empty)]
     model: String,
     /// A Llama-3.1-8B-Instruct folder (transformers layout), or a repo id in the local Hub cache.
-    #[arg(long)]
+    #[arg(long, value_parser = parse::non_empty)]
     llama: String,
     #[arg(long)]
     prompt: String,
@@ -31,16 +34,19 @@ pub struct GenerateArgs {
     negative_prompt: Option<String>,
     #[arg(long, default_value = "dev")]
     variant: Variant,
-    /// Requested WIDTHxHEIGHT in pixels; HiDream rescales it to about 1024² in area (a notice says so).
-    #[arg(long, value_parser = parse_size)]
-    size: Option<(usize, usize)>,
-    /// Denoising steps (default: Full 50, Dev 28, Fast 16).
-    #[arg(long)]
+    /// Requested size WIDTHxHEIGHT in pixels, width first as in diffusers (1360x768 is
+    /// landscape); HiDream rescales it to about 1024² in area (a notice says so).
+    #[arg(long, value_parser = parse::image_size, allow_hyphen_values = true)]
+    size: Option<ImageSize>,
+    /// Denoising steps, 1 to 1000 (default: Full 50, Dev 28, Fast 16).
+    #[arg(long, value_parser = parse::steps, allow_negative_numbers = true)]
     steps: Option<usize>,
-    /// Classifier-free guidance scale (default: Full 5.0, Dev and Fast 0 = off).
-    #[arg(long)]
+    /// Classifier-free guidance scale, at least 0; above 1 turns guidance on (default: Full 5.0,
+    /// Dev and Fast 0 = off).
+    #[arg(long, value_parser = parse::non_negative, allow_negative_numbers = true)]
     guidance: Option<f64>,
-    #[arg(long, default_value_t = 0)]
+    /// Seeds the initial latents and the sampler's noise (0 to 2^64 − 1).
+    #[arg(long, default_value_t = 0, value_parser = parse::seed, allow_negative_numbers = true)]
     seed: u64,
     /// Compute dtype of every stage.
     #[arg(long, default_value = "bf16")]
@@ -48,6 +54,7 @@ pub struct GenerateArgs {
     /// Decode the VAE in overlapping tiles (less memory; blended seams).
     #[arg(long)]
     vae_tiling: bool,
+    /// The PNG to write (whole or not at all).
     #[arg(long, default_value = "image.png")]
     out: PathBuf,
     /// Initial noise under `latents`, shaped [1, 16, H/8, W/8] (to reproduce a Python run).
@@ -56,11 +63,11 @@ pub struct GenerateArgs {
     /// The flash sampler's per-step noise under `noise`, shaped [steps, 1, 16, H/8, W/8].
     #[arg(long)]
     step_noise: Option<PathBuf>,
-    /// Save the final latents (before the VAE) under `latents`.
+    /// Save the final latents (before the VAE) under `latents` (whole or not at all).
     #[arg(long)]
     output_latents: Option<PathBuf>,
     /// diffusers' `default_sample_size` (the generated area is about (this × 8)²).
-    #[arg(long, default_value_t = 128, hide = true)]
+    #[arg(long, default_value_t = 128, hide = true, value_parser = parse::sample_size, allow_negative_numbers = true)]
     default_sample_size: usize,
     #[command(flatten)]
     residency: ResidencyArgs,
@@ -70,6 +77,10 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     if args.out.extension().is_none_or(|ext| !ext.eq_ignore_ascii_case("png")) {
         bail!("--out must be a .png file, got {}", args.out.display());
     }
+    // Every output path is checked before the long work starts.
+    for path in [Some(&args.out), args.output_latents.as_ref(), args.residency.report.as_ref()].into_iter().flatten() {
+        hidream_weights::check_writable(path)?;
+    }
     let device = Device::Cpu;
     let folder = ModelFolder::resolve(&args.model, &args.llama)?;
     folder.validate()?;
@@ -78,7 +89,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
         variant: args.variant,
-        size: args.size,
+        size: args.size.map(|size| (size.width, size.height)),
         steps: args.steps,
         guidance: args.guidance,
         seed: args.seed,
@@ -139,13 +150,13 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         hidream_weights::write_tensors(path, &HashMap::from([("latents".to_owned(), generated.latents.clone())]))?;
     }
     let (width, height) = generated.size;
-    println!(
+    outln!(
         "{width}x{height} image -> {} ({} steps, guidance {}, {})",
         args.out.display(),
         generated.steps,
         generated.guidance,
         generated.plan
-    );
+    )?;
     if let Some(path) = &args.residency.report {
         let report = json!({
             "variant": args.variant.as_str(),
@@ -161,13 +172,6 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn parse_size(text: &str) -> Result<(usize, usize), String> {
-    text.split_once(['x', 'X'])
-        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-        .filter(|(w, h): &(usize, usize)| *w > 0 && *h > 0)
-        .ok_or_else(|| format!("expected WIDTHxHEIGHT in pixels, like 1024x1024; got `{text}`"))
-}
-
 fn read_tensor(path: Option<&Path>, key: &str) -> Result<Option<Tensor>> {
     let Some(path) = path else { return Ok(None) };
     let mut tensors = hidream_weights::read_tensors(path, &Device::Cpu)?;
@@ -175,15 +179,14 @@ fn read_tensor(path: Option<&Path>, key: &str) -> Result<Option<Tensor>> {
     Ok(Some(tensor.to_dtype(DType::F32)?))
 }
 
-/// Writes the first image of u8 `[B, H, W, 3]` pixels as a PNG, through a temporary file renamed
-/// into place, so that no half-written image is ever left behind.
+/// Writes the first image of u8 `[B, H, W, 3]` pixels as a PNG, whole or not at all.
 fn write_png(path: &Path, pixels: &Tensor) -> Result<()> {
     let (_, height, width, _) = pixels.dims4()?;
     let data: Vec<u8> = pixels.get(0)?.flatten_all()?.to_vec1()?;
-    let image = image::RgbImage::from_raw(width as u32, height as u32, data).context("pixel buffer size")?;
-    let partial = path.with_extension(format!("png.partial-{}", std::process::id()));
-    image
-        .save_with_format(&partial, image::ImageFormat::Png)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, path).with_context(|| format!("moving the image into {}", path.display()))
+    let (width, height) = (u32::try_from(width)?, u32::try_from(height)?);
+    let image = image::RgbImage::from_raw(width, height, data).context("pixel buffer size")?;
+    hidream_weights::write_atomic(path, |writer| {
+        image.write_with_encoder(PngEncoder::new(writer)).map_err(std::io::Error::other)
+    })
+    .with_context(|| format!("writing the image {}", path.display()))
 }

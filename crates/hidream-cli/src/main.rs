@@ -3,10 +3,22 @@
 //! Every failure is one `error:` line and a non-zero exit status, never a panic backtrace.
 #![forbid(unsafe_code)]
 
+/// `println!` that returns an error instead of panicking, and ends quietly on a closed pipe
+/// (see [`print_stdout`]).
+macro_rules! outln {
+    () => {
+        $crate::print_stdout("\n")
+    };
+    ($($arg:tt)*) => {
+        $crate::print_stdout(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod denoise;
 mod forward;
 mod generate;
 mod inspect;
+mod parse;
 mod plan;
 mod residency;
 mod synth;
@@ -55,8 +67,33 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each cause once: many errors already quote their
+/// source in their own message, which `{:#}` would print a second time.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut message = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+    }
+    message.replace('\n', " ")
+}
+
+/// Prints `text` to stdout; a closed pipe (`hidream plan | head`) ends the output quietly
+/// instead of panicking as `println!` does.
+pub fn print_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(err) if err.kind() != std::io::ErrorKind::BrokenPipe => Err(err.into()),
+        _ => Ok(()),
     }
 }

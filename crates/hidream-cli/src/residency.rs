@@ -1,4 +1,5 @@
-//! The memory flags shared by `forward` and `denoise`, the heap probe, and the JSON report.
+//! The flags shared by `forward`, `denoise` and `generate` (the model and its inputs, the memory
+//! policy), the heap probe, and the JSON report.
 
 use std::path::{Path, PathBuf};
 
@@ -10,6 +11,30 @@ use hidream_pipeline::{PipelineError, Precompute, UnitTable};
 use hidream_weights::Checkpoint;
 use serde_json::{Value, json};
 
+use crate::parse;
+
+/// The flags of a transformer run from a checkpoint and a file of inputs (`forward`, `denoise`).
+#[derive(Debug, clap::Args)]
+pub struct TransformerArgs {
+    /// The transformer checkpoint: a diffusers `transformer/` folder, or a model folder holding one.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Safetensors file with `hidden_states`, `timesteps`, `encoder_hidden_states_t5`,
+    /// `encoder_hidden_states_llama3` and `pooled_embeds` (diffusers' argument names; `hidream
+    /// synth --inputs` writes one). `denoise` starts from `hidden_states` and ignores `timesteps`.
+    #[arg(long)]
+    pub inputs: PathBuf,
+    /// Where to write the output under `sample` (f32): the forward's prediction, or the final
+    /// latents of `denoise`. Written whole or not at all.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Compute dtype; weights are converted to it as they load.
+    #[arg(long, default_value = "f32")]
+    pub dtype: hidream_config::DType,
+    #[command(flatten)]
+    pub residency: ResidencyArgs,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct ResidencyArgs {
     /// Where weights live: `all` resident, `sequential` (load, run, free), `stream` (prefetch
@@ -19,21 +44,33 @@ pub struct ResidencyArgs {
     residency: Option<PolicyKind>,
     /// The device-tier budget for weights: bytes (`8GiB`, `512MiB`) or a share of the weight bytes
     /// in the compute dtype (`25%`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     budget: Option<Budget>,
-    /// Streamed units loaded ahead of the one computing.
-    #[arg(long, default_value_t = DEFAULT_PREFETCH_DEPTH)]
+    /// Streamed units loaded ahead of the one computing (0: load, run, free, without overlap).
+    #[arg(long, default_value_t = DEFAULT_PREFETCH_DEPTH, value_parser = parse::count, allow_negative_numbers = true)]
     prefetch: usize,
     /// Run the caption projections and adaLN modulation inside every step, as diffusers does,
     /// instead of once per prompt (same output; more bytes streamed per step).
     #[arg(long)]
     no_precompute: bool,
-    /// Evaluate attention in chunks of this many queries (bounds the score matrix).
-    #[arg(long)]
+    /// Evaluate attention in chunks of this many queries (bounds the score matrix); at least 1.
+    #[arg(long, value_parser = parse::positive, allow_negative_numbers = true)]
     attention_chunk: Option<usize>,
-    /// Write a JSON report of memory and time here.
+    /// Write a JSON report of memory and time here. Its `peak_device_bytes` figures are peaks of
+    /// the device tier: on the CPU, the process's heap peak as the counting allocator measures it
+    /// (weights, activations and everything else on the heap), not a GPU figure.
     #[arg(long)]
     pub report: Option<PathBuf>,
+}
+
+impl TransformerArgs {
+    /// Checks the output paths (`--out`, `--report`) before any long work.
+    pub fn check_outputs(&self) -> Result<()> {
+        for path in [Some(&self.out), self.residency.report.as_ref()].into_iter().flatten() {
+            hidream_weights::check_writable(path)?;
+        }
+        Ok(())
+    }
 }
 
 impl ResidencyArgs {
@@ -157,8 +194,11 @@ pub fn report(runner: &TransformerRunner, config: &RunnerConfig, probe: &HeapPro
     })
 }
 
+/// Writes a JSON report, whole or not at all.
 pub fn write_json(path: &Path, value: &Value) -> Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(value)?).with_context(|| format!("writing {}", path.display()))
+    let text = serde_json::to_string_pretty(value)?;
+    hidream_weights::write_atomic(path, |writer| writer.write_all(text.as_bytes()))
+        .with_context(|| format!("writing the report {}", path.display()))
 }
 
 /// Max |a − b| over two tensors of the same shape.

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use hidream_config::{SizeModel, TransformerConfig};
+use hidream_pipeline::planning::ImageSize;
 use hidream_weights::{InputSpec, SynthOptions};
+
+use crate::parse;
 
 #[derive(Debug, clap::Args)]
 pub struct SynthArgs {
@@ -12,7 +15,7 @@ pub struct SynthArgs {
     #[arg(long, default_value = "small")]
     preset: String,
     /// Keep only D double and S single blocks of the preset (`--layers 4,4`): a full-width slice.
-    #[arg(long, value_parser = parse_layers)]
+    #[arg(long, value_parser = parse::layers, allow_hyphen_values = true)]
     layers: Option<(usize, usize)>,
     /// Write a checkpoint (config.json + safetensors, diffusers layout) into this folder.
     #[arg(long)]
@@ -23,22 +26,24 @@ pub struct SynthArgs {
     /// Storage dtype of the weights.
     #[arg(long, default_value = "bf16")]
     dtype: hidream_config::DType,
-    #[arg(long, default_value_t = 0)]
+    /// Seeds every weight and input (0 to 2^64 − 1).
+    #[arg(long, default_value_t = 0, value_parser = parse::seed, allow_negative_numbers = true)]
     seed: u64,
     /// The most bytes in one shard (e.g. 2GiB); larger checkpoints are sharded with an index.
-    #[arg(long, default_value = "5GB", value_parser = parse_size)]
+    #[arg(long, default_value = "5GB", value_parser = parse::bytes, allow_negative_numbers = true)]
     max_shard_size: u64,
     /// Inputs: batch size.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = parse::positive, allow_negative_numbers = true)]
     batch: usize,
-    /// Inputs: latent size HxW in latent pixels (the image is 8x larger).
-    #[arg(long, default_value = "32x32")]
-    latent: String,
+    /// Inputs: latent size WIDTHxHEIGHT in latent pixels, width first as `generate --size` (the
+    /// image is 8 times larger; `hidden_states` is [B, C, HEIGHT, WIDTH]); multiples of the patch size.
+    #[arg(long, default_value = "32x32", value_parser = parse::latent_size, allow_hyphen_values = true)]
+    latent: ImageSize,
     /// Inputs: T5 tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse::positive, allow_negative_numbers = true)]
     t5_tokens: usize,
     /// Inputs: Llama tokens.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 128, value_parser = parse::positive, allow_negative_numbers = true)]
     llama_tokens: usize,
 }
 
@@ -54,7 +59,7 @@ pub fn run(args: &SynthArgs) -> Result<()> {
         let sizes = SizeModel::new(&config);
         let options = SynthOptions { seed: args.seed, dtype: args.dtype, max_shard_bytes: args.max_shard_size };
         let summary = hidream_weights::write_synthetic(dir, &config, &options)?;
-        println!(
+        outln!(
             "wrote {} preset ({:.3}B parameters, {} tensors, {} bytes in {}) to {} in {} file(s)",
             args.preset,
             sizes.total_params() as f64 / 1e9,
@@ -63,39 +68,20 @@ pub fn run(args: &SynthArgs) -> Result<()> {
             args.dtype,
             dir.display(),
             summary.shards.len()
-        );
+        )?;
     }
     if let Some(path) = &args.inputs {
-        let (height, width) = parse_latent(&args.latent)?;
         let spec = InputSpec {
             batch: args.batch,
-            height,
-            width,
+            height: args.latent.height,
+            width: args.latent.width,
             t5_tokens: args.t5_tokens,
             llama_tokens: args.llama_tokens,
             seed: args.seed,
         };
         let inputs = hidream_weights::synthetic_inputs(&config, &spec)?;
         hidream_weights::write_tensors(path, &inputs)?;
-        println!("wrote inputs (batch {}, latent {height}x{width}) to {}", args.batch, path.display());
+        outln!("wrote inputs (batch {}, latent {} (width x height)) to {}", args.batch, args.latent, path.display())?;
     }
     Ok(())
-}
-
-fn parse_latent(text: &str) -> Result<(usize, usize)> {
-    let parsed = text.split_once(['x', 'X']).and_then(|(h, w)| Some((h.trim().parse().ok()?, w.trim().parse().ok()?)));
-    match parsed {
-        Some((height, width)) if height > 0 && width > 0 => Ok((height, width)),
-        _ => bail!("--latent must be HxW in latent pixels, like 32x32; got `{text}`"),
-    }
-}
-
-fn parse_layers(text: &str) -> Result<(usize, usize), String> {
-    text.split_once(',')
-        .and_then(|(double, single)| Some((double.trim().parse().ok()?, single.trim().parse().ok()?)))
-        .ok_or_else(|| format!("expected D,S (double and single block counts), like 4,4; got `{text}`"))
-}
-
-fn parse_size(text: &str) -> Result<u64, String> {
-    hidream_memory::parse_bytes(text).map_err(|err| err.to_string())
 }

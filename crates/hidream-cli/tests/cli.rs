@@ -36,8 +36,9 @@ fn synth_then_forward_then_inspect() {
         path(&model),
         "--inputs",
         path(&inputs),
+        // Width 12, height 8: `hidden_states` is [B, C, 8, 12].
         "--latent",
-        "8x12",
+        "12x8",
         "--batch",
         "2",
         "--t5-tokens",
@@ -125,4 +126,71 @@ fn bad_flags_and_files_are_one_clear_error() {
         "diffusion_pytorch_model.safetensors",
     );
     assert!(!out.exists(), "a failed forward leaves no output behind");
+}
+
+/// A model without blocks (a config edited to 0 double and 0 single blocks) is a config error
+/// naming the field, in `synth` and in `forward`, not a panic in the forward.
+#[test]
+fn a_model_without_blocks_is_a_config_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let inputs = dir.path().join("inputs.safetensors");
+    let out = dir.path().join("out.safetensors");
+    check_error(&hidream(&["synth", "--preset", "tiny", "--layers", "0,0", "--out", path(&model)]), "num_layers");
+    assert!(
+        hidream(&["synth", "--preset", "tiny", "--out", path(&model), "--inputs", path(&inputs), "--latent", "8x8"])
+            .status
+            .success()
+    );
+    let config = model.join("config.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    json["num_layers"] = 0.into();
+    json["num_single_layers"] = 0.into();
+    json["llama_layers"] = serde_json::json!([]);
+    std::fs::write(&config, json.to_string()).unwrap();
+    let output = hidream(&["forward", "--model", path(&model), "--inputs", path(&inputs), "--out", path(&out)]);
+    check_error(&output, "num_layers plus num_single_layers must be at least 1");
+}
+
+/// Outputs are written whole or not at all: a run that fails leaves an existing output as it
+/// was and no temporary file beside it, and an output path that cannot be written is refused
+/// before the run.
+#[test]
+fn failed_runs_leave_outputs_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("tiny");
+    let inputs = dir.path().join("inputs.safetensors");
+    assert!(
+        hidream(&["synth", "--preset", "tiny", "--out", path(&model), "--inputs", path(&inputs), "--latent", "8x8"])
+            .status
+            .success()
+    );
+    let outputs = dir.path().join("outputs");
+    std::fs::create_dir(&outputs).unwrap();
+    let out = outputs.join("out.safetensors");
+    let report = outputs.join("report.json");
+    std::fs::write(&out, "old output").unwrap();
+    let listing = || {
+        let mut names: Vec<String> =
+            std::fs::read_dir(&outputs).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        names.sort();
+        names
+    };
+    let forward = |extra: &[&str]| {
+        let args = [&["forward", "--model", path(&model), "--inputs", path(&inputs), "--out", path(&out)], extra];
+        hidream(&args.concat())
+    };
+    // The budget is below the minimum: the run fails after loading, and the report says so.
+    check_error(&forward(&["--budget", "1KiB", "--report", path(&report)]), "too small");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "old output");
+    assert_eq!(listing(), ["out.safetensors", "report.json"]);
+    // A report path that is a folder is refused before the run.
+    let folder = outputs.join("folder.json");
+    std::fs::create_dir(&folder).unwrap();
+    check_error(&forward(&["--report", path(&folder)]), "is a folder");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "old output");
+    // A successful run replaces the output, leaving nothing else.
+    assert!(forward(&[]).status.success());
+    assert!(hidream_weights::read_tensors(&out, &candle_core::Device::Cpu).unwrap().contains_key("sample"));
+    assert_eq!(listing(), ["folder.json", "out.safetensors", "report.json"]);
 }

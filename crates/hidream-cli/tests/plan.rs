@@ -1,199 +1,231 @@
-//! `hidream plan` end to end: its plans are the planner's plans of the pipeline's unit table, its
-//! times follow from its FLOPs and streamed bytes, and every bad input is one clear `error:` line.
+//! `hidream plan`: the report of `hidream_pipeline::planning`, checked through the library, and
+//! two smoke tests that the binary prints that report (as text and as JSON).
 
-use std::path::Path;
 use std::process::{Command, Output};
 
-use hidream_config::{DType, TransformerConfig};
-use hidream_memory::{Plan, Policy, format_bytes};
-use hidream_pipeline::{Precompute, UnitTable};
+use hidream_config::{DType, TransformerConfig, Variant};
+use hidream_pipeline::planning::{
+    Bound, ConfigSource, DeviceAssumptions, ImageSize, PlanReport, PlanRequest, SettingReport,
+};
 use serde_json::Value;
+
+/// The request `hidream plan` makes by default, with `size` (WIDTHxHEIGHT), `variant` and `budget`.
+fn request(size: &str, variant: Variant, budget: Option<&str>) -> PlanRequest {
+    PlanRequest {
+        size: size.parse().expect("a valid size"),
+        variant,
+        budget: budget.map(|budget| budget.parse().expect("a valid budget")),
+        prefetch: 1,
+        dtype: DType::BF16,
+        attention_chunk: None,
+        device: DeviceAssumptions::H100_PCIE5,
+    }
+}
+
+fn report(cfg: &TransformerConfig, request: &PlanRequest) -> PlanReport {
+    PlanReport::new(cfg, "test", request).expect("the request is valid")
+}
+
+/// The invariants of one setting of a report: the plan stays in the budget, the times are the
+/// lower bound `max(FLOPs / rate, streamed bytes / bandwidth)`, and the device estimate adds up.
+fn check_setting(report: &PlanReport, setting: &SettingReport) {
+    let Some(plan) = &setting.plan else {
+        assert!(setting.error.is_some(), "a setting without a plan says why");
+        assert!(setting.time.is_none() && setting.device_estimate.is_none());
+        return;
+    };
+    if let Some(budget) = &report.budget {
+        assert!(plan.peak_weight_bytes <= budget.bytes, "peak {} over budget {}", plan.peak_weight_bytes, budget.bytes);
+        assert!(setting.minimum_budget <= budget.bytes);
+    }
+    assert!(plan.resident_bytes + plan.streamed_bytes_per_step == setting.step_bytes, "every step byte is placed");
+    let time = setting.time.expect("a plan has times");
+    let device = &report.assumptions;
+    let compute = setting.flops_per_step as f64 / (device.tflops * 1e12);
+    let stream = plan.streamed_bytes_per_step as f64 / device.bandwidth_bytes_per_s as f64;
+    assert_eq!(time.compute_s_per_step, compute);
+    assert_eq!(time.stream_s_per_step, stream);
+    assert_eq!(time.s_per_step, compute.max(stream));
+    assert_eq!(time.bound, if stream > compute { Bound::Streaming } else { Bound::Compute });
+    assert_eq!(time.total_s, time.once_per_prompt_s + time.s_per_step * report.variant.steps as f64);
+    let estimate = setting.device_estimate.expect("a plan has a device estimate");
+    assert_eq!(estimate.total_bytes, plan.peak_weight_bytes + report.activations.peak_bytes + estimate.state_bytes);
+}
+
+/// Plans of the full model: each setting's invariants hold, and the minimum budgets are DESIGN's
+/// 5.1% (per step) and 4.2% (precomputed) of the bf16 weights.
+#[test]
+fn full_model_plans() {
+    let cfg = TransformerConfig::full();
+    for (variant, budget) in [
+        (Variant::Dev, Some("8GiB")),
+        (Variant::Full, Some("24GiB")),
+        (Variant::Fast, Some("1.5GiB")),
+        (Variant::Full, None),
+    ] {
+        let report = report(&cfg, &request("1024x1024", variant, budget));
+        for setting in report.settings.both() {
+            check_setting(&report, setting);
+        }
+        for (setting, expected_percent) in [(&report.settings.per_step, 5.1), (&report.settings.per_prompt, 4.2)] {
+            let share = setting.minimum_budget_percent;
+            assert!((share - expected_percent).abs() < 0.05, "{:?}: {share:.2}%", setting.precompute);
+        }
+    }
+}
+
+/// Dev under 8 GiB: one forward's tokens, precomputation streaming less, and streaming binding.
+#[test]
+fn dev_under_8_gib() {
+    let report = report(&TransformerConfig::full(), &request("1024x1024", Variant::Dev, Some("8GiB")));
+    assert_eq!(report.budget.as_ref().map(|budget| budget.bytes), Some(8 << 30));
+    assert_eq!((report.variant.steps, report.variant.batch), (28, 1));
+    assert_eq!((report.size.image_tokens, report.size.joint_tokens), (4096, 4096 + 3 * 128));
+    assert!(report.activations.estimate);
+    let [per_step, per_prompt] = report.settings.both();
+    assert_eq!(report.precompute.saved_bytes_per_step, per_step.step_bytes - per_prompt.step_bytes);
+    let streamed = |setting: &SettingReport| setting.plan.as_ref().map(|plan| plan.streamed_bytes_per_step);
+    assert!(streamed(per_prompt) < streamed(per_step));
+    assert_eq!(per_prompt.time.map(|time| time.bound), Some(Bound::Streaming));
+}
+
+/// Full has guidance: both halves go through one forward, which doubles the FLOPs and the
+/// activations but not the weights streamed per step. Without a budget nothing streams.
+#[test]
+fn guidance_doubles_compute_not_streaming() {
+    let cfg = TransformerConfig::full();
+    let dev = report(&cfg, &request("1024x1024", Variant::Dev, Some("24GiB")));
+    let full = report(&cfg, &request("1024x1024", Variant::Full, Some("24GiB")));
+    assert_eq!((full.variant.batch, full.variant.steps), (2, 50));
+    assert_eq!(full.flops_per_forward_total, 2 * dev.flops_per_forward_total);
+    assert_eq!(full.activations.peak_bytes, 2 * dev.activations.peak_bytes);
+    for (full, dev) in full.settings.both().into_iter().zip(dev.settings.both()) {
+        let streamed = |setting: &SettingReport| setting.plan.as_ref().map(|plan| plan.streamed_bytes_per_step);
+        assert_eq!(streamed(full), streamed(dev));
+    }
+    let all = report(&cfg, &request("1024x1024", Variant::Full, None));
+    assert!(all.budget.is_none());
+    assert_eq!(all.settings.per_step.plan.as_ref().map(|plan| plan.streamed_bytes_per_step), Some(0));
+    assert_eq!(all.settings.per_step.time.map(|time| time.bound), Some(Bound::Compute));
+}
+
+/// A folder with only a config plans as the preset does; a percentage budget is a share of the
+/// weights; chunked attention lowers the activation estimate; sizes are width × height and
+/// non-square ones are padded to max_seq.
+#[test]
+fn sources_budgets_chunks_and_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("model");
+    std::fs::create_dir_all(root.join("transformer")).unwrap();
+    std::fs::write(root.join("transformer/config.json"), TransformerConfig::tiny().to_diffusers_json()).unwrap();
+    let (from_folder, source) = ConfigSource::Folder(&root).load().unwrap();
+    assert!(source.ends_with("config.json"), "{source}");
+    let (from_preset, _) = ConfigSource::Preset("tiny").load().unwrap();
+    let tiny = request("64x64", Variant::Full, Some("60%"));
+    let settings = |cfg: &TransformerConfig| serde_json::to_value(&report(cfg, &tiny).settings).unwrap();
+    assert_eq!(settings(&from_folder), settings(&from_preset));
+
+    let planned = report(&from_preset, &tiny);
+    let expected = (planned.config.weight_bytes as f64 * 0.6).floor() as u64;
+    assert_eq!(planned.budget.as_ref().map(|budget| budget.bytes), Some(expected));
+
+    let chunked = report(&from_preset, &PlanRequest { attention_chunk: Some(8), ..tiny });
+    assert!(chunked.activations.peak_bytes < planned.activations.peak_bytes);
+
+    // 64 wide and 32 high: a latent of 8 × 4, padded to the tiny preset's 64 image tokens.
+    let landscape = report(&from_preset, &request("64x32", Variant::Full, None));
+    let size = &landscape.size;
+    assert_eq!((size.width, size.height, size.latent_width, size.latent_height), (64, 32, 8, 4));
+    assert_eq!((size.image_tokens, size.padded), (64, true));
+    assert_eq!(landscape.size.diffusers_rescaled, Some(ImageSize::new(1440, 720)));
+}
+
+/// A budget that only the precomputed setting fits is not an error; one that fits neither is,
+/// and gives both minimums.
+#[test]
+fn budgets_that_fit_one_or_no_setting() {
+    let cfg = TransformerConfig::full();
+    let one = report(&cfg, &request("1024x1024", Variant::Fast, Some("1.5GiB")));
+    assert!(one.settings.per_step.plan.is_none());
+    let error = one.settings.per_step.error.as_ref().map(ToString::to_string).unwrap_or_default();
+    assert!(error.contains("too small"), "{error}");
+    assert!(one.settings.per_prompt.plan.is_some() && one.settings.per_prompt.error.is_none());
+    one.check_fits().unwrap();
+
+    let none = report(&cfg, &request("1024x1024", Variant::Full, Some("100MiB")));
+    let error = none.check_fits().unwrap_err().to_string();
+    assert!(error.contains("fits neither setting"), "{error}");
+    for setting in none.settings.both() {
+        assert!(error.contains(&format!("({} bytes)", setting.minimum_budget)), "{error}");
+    }
+}
+
+/// Each bad request is a typed error that says what is wrong.
+#[test]
+fn bad_requests_are_clear_errors() {
+    let check = |edit: fn(&mut PlanRequest), needle: &str| {
+        let mut bad = request("1024x1024", Variant::Full, None);
+        edit(&mut bad);
+        let error = PlanReport::new(&TransformerConfig::full(), "test", &bad).unwrap_err().to_string();
+        assert!(error.contains(needle), "`{needle}` not in: {error}");
+    };
+    check(|r| r.size = ImageSize::new(1000, 1024), "the width 1000 is not a positive multiple of 16");
+    check(|r| r.size = ImageSize::new(1024, 1000), "the height 1000 is not a positive multiple of 16");
+    check(|r| r.size = ImageSize::new(2048, 1024), "max_seq");
+    check(|r| r.attention_chunk = Some(0), "attention_chunk");
+    check(|r| r.device.tflops = 0.0, "tflops");
+    check(|r| r.device.tflops = f64::NAN, "tflops");
+    check(|r| r.device.bandwidth_bytes_per_s = 0, "bandwidth");
+
+    let dir = tempfile::tempdir().unwrap();
+    let load_error = |source: ConfigSource<'_>| source.load().unwrap_err().to_string();
+    assert!(load_error(ConfigSource::Preset("huge")).contains("unknown preset `huge`"));
+    assert!(load_error(ConfigSource::Folder(&dir.path().join("nowhere"))).contains("nowhere"));
+    let broken = dir.path().join("broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("config.json"), r#"{"patch_size": 2}"#).unwrap();
+    assert!(load_error(ConfigSource::Folder(&broken)).contains("config.json"));
+}
 
 fn hidream(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hidream")).args(args).output().expect("the hidream binary runs")
 }
 
-/// Runs `hidream plan ARGS --json`, which must succeed, and parses its report.
-fn plan_json(args: &[&str]) -> Value {
-    let output = hidream(&[&["plan"], args, &["--json"]].concat());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "plan {args:?} failed: {stderr}");
-    serde_json::from_slice(&output.stdout).expect("plan --json prints JSON")
-}
-
-/// Asserts a clean failure whose `error:` line mentions `needle`.
-fn check_error(output: &Output, needle: &str) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "expected failure, got success; stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "panic instead of an error: {stderr}");
-    assert!(stderr.starts_with("error:"), "no `error:` line: {stderr}");
-    assert!(stderr.contains(needle), "stderr does not mention `{needle}`: {stderr}");
-}
-
-fn u64_at(report: &Value, pointer: &str) -> u64 {
-    report.pointer(pointer).and_then(Value::as_u64).unwrap_or_else(|| panic!("no integer at {pointer}: {report:#}"))
-}
-
-fn f64_at(report: &Value, pointer: &str) -> f64 {
-    report.pointer(pointer).and_then(Value::as_f64).unwrap_or_else(|| panic!("no number at {pointer}: {report:#}"))
-}
-
-/// Checks one setting of a report against the planner run on the pipeline's unit table directly.
-fn check_setting(report: &Value, cfg: &TransformerConfig, precompute: Precompute, budget_bytes: u64) {
-    let key = if precompute.is_per_prompt() { "/settings/per_prompt" } else { "/settings/per_step" };
-    let table = UnitTable::new(cfg, DType::BF16, precompute);
-    let minimum = Plan::minimum_budget(table.specs(), 1);
-    assert_eq!(u64_at(report, &format!("{key}/minimum_budget")), minimum);
-    assert_eq!(u64_at(report, &format!("{key}/step_bytes")), table.step_bytes());
-    let plan = Policy::Budget { budget_bytes, prefetch: 1 }.plan(table.specs()).expect("the budget fits");
-    assert_eq!(u64_at(report, &format!("{key}/plan/resident_bytes")), plan.resident_bytes());
-    assert_eq!(u64_at(report, &format!("{key}/plan/streamed_bytes_per_step")), plan.streamed_bytes_per_pass());
-    assert_eq!(u64_at(report, &format!("{key}/plan/peak_weight_bytes")), plan.peak_weight_bytes());
-    assert!(plan.peak_weight_bytes() <= budget_bytes);
-
-    // The lower bound: max(FLOPs / 700 TFLOP/s, streamed bytes / 55 GB/s), per step.
-    let compute = u64_at(report, &format!("{key}/flops_per_step")) as f64 / 700e12;
-    let stream = plan.streamed_bytes_per_pass() as f64 / 55e9;
-    assert!((f64_at(report, &format!("{key}/time/compute_s_per_step")) - compute).abs() < 1e-9);
-    assert!((f64_at(report, &format!("{key}/time/stream_s_per_step")) - stream).abs() < 1e-9);
-    assert!((f64_at(report, &format!("{key}/time/s_per_step")) - compute.max(stream)).abs() < 1e-9);
-}
-
-/// The full model under 8 GiB, Dev: the minimum budgets are DESIGN's 5.1% (per step) and 4.2%
-/// (precomputed) of the bf16 weights, and each plan is the planner's.
+/// The binary prints the library's report: `--json` is its serialisation, and the text says the
+/// same figures, what is assumed and what is estimated.
 #[test]
-fn full_dev_under_8_gib() {
-    let cfg = TransformerConfig::full();
-    let budget_bytes = 8 << 30;
-    let report = plan_json(&["--preset", "full", "--budget", "8GiB", "--variant", "dev"]);
-    assert_eq!(u64_at(&report, "/budget/bytes"), budget_bytes);
-    assert_eq!(u64_at(&report, "/variant/steps"), 28);
-    assert_eq!(u64_at(&report, "/variant/batch"), 1);
-    assert_eq!(u64_at(&report, "/size/image_tokens"), 4096);
-    assert_eq!(u64_at(&report, "/size/joint_tokens"), 4096 + 3 * 128);
-    assert_eq!(report.pointer("/activations/estimate"), Some(&Value::Bool(true)));
-    check_setting(&report, &cfg, Precompute::PerStep, budget_bytes);
-    check_setting(&report, &cfg, Precompute::PerPrompt, budget_bytes);
+fn the_binary_prints_the_report() {
+    let output = hidream(&["plan", "--preset", "full", "--budget", "8GiB", "--variant", "dev", "--json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let printed: Value = serde_json::from_slice(&output.stdout).expect("plan --json prints JSON");
+    let library = report(&TransformerConfig::full(), &request("1024x1024", Variant::Dev, Some("8GiB")));
+    // Through text on both sides: serde_json's float parsing may differ from the f64 by an ulp.
+    let mut expected: Value = serde_json::from_str(&serde_json::to_string(&library).unwrap()).unwrap();
+    expected["config"]["source"] = "preset full".into();
+    assert_eq!(printed, expected);
 
-    let weight_bytes = u64_at(&report, "/config/weight_bytes");
-    for (key, expected_percent) in [("per_step", 5.1), ("per_prompt", 4.2)] {
-        let share = f64_at(&report, &format!("/settings/{key}/minimum_budget_percent"));
-        assert!((share - expected_percent).abs() < 0.05, "{key}: {share:.2}%");
-        let minimum = u64_at(&report, &format!("/settings/{key}/minimum_budget"));
-        assert!((100.0 * minimum as f64 / weight_bytes as f64 - share).abs() < 1e-9);
-    }
-    // Precomputation takes its weights out of every step and pays for them once.
-    let saved = u64_at(&report, "/settings/per_step/step_bytes") - u64_at(&report, "/settings/per_prompt/step_bytes");
-    assert_eq!(u64_at(&report, "/precompute/saved_bytes_per_step"), saved);
-    assert!(
-        u64_at(&report, "/settings/per_prompt/plan/streamed_bytes_per_step")
-            < u64_at(&report, "/settings/per_step/plan/streamed_bytes_per_step")
-    );
-    // Streaming binds at 8 GiB over 55 GB/s.
-    assert_eq!(report.pointer("/settings/per_prompt/time/bound"), Some(&Value::from("streaming")));
-
-    // The text report says the same, and says what is assumed and what is estimated.
     let output = hidream(&["plan", "--preset", "full", "--budget", "8GiB", "--variant", "dev"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    for key in ["per_step", "per_prompt"] {
-        let minimum = u64_at(&report, &format!("/settings/{key}/minimum_budget"));
-        assert!(stdout.contains(&format!("minimum budget   {}", format_bytes(minimum))), "{stdout}");
+    for setting in library.settings.both() {
+        let minimum = hidream_memory::format_bytes(setting.minimum_budget);
+        assert!(stdout.contains(&format!("minimum budget   {minimum}")), "{stdout}");
     }
     for needle in ["an estimate", "--tflops", "--bandwidth", "28 steps", "streaming binds", "4480 per block"] {
         assert!(stdout.contains(needle), "no `{needle}` in: {stdout}");
     }
+    let landscape = hidream(&["plan", "--preset", "tiny", "--size", "64x32"]);
+    let stdout = String::from_utf8_lossy(&landscape.stdout);
+    assert!(stdout.contains("image 64x32 px (width x height): latent 8x4"), "{stdout}");
 }
 
-/// Full has guidance: both halves go through one forward, which doubles the FLOPs and the
-/// activations but not the weights streamed per step.
+/// A budget below both settings' minimums prints the report, then one `error:` line.
 #[test]
-fn full_variant_runs_batch_2() {
-    let dev = plan_json(&["--variant", "dev", "--budget", "24GiB"]);
-    let full = plan_json(&["--variant", "full", "--budget", "24GiB"]);
-    assert_eq!(u64_at(&full, "/variant/batch"), 2);
-    assert_eq!(u64_at(&full, "/variant/steps"), 50);
-    assert_eq!(u64_at(&full, "/flops_per_forward_total"), 2 * u64_at(&dev, "/flops_per_forward_total"));
-    assert_eq!(u64_at(&full, "/activations/peak_bytes"), 2 * u64_at(&dev, "/activations/peak_bytes"));
-    for pointer in
-        ["/settings/per_step/plan/streamed_bytes_per_step", "/settings/per_prompt/plan/streamed_bytes_per_step"]
-    {
-        assert_eq!(u64_at(&full, pointer), u64_at(&dev, pointer));
-    }
-    // Without a budget every weight stays resident and compute binds.
-    let all = plan_json(&["--preset", "full"]);
-    assert_eq!(all.pointer("/budget"), Some(&Value::Null));
-    assert_eq!(u64_at(&all, "/settings/per_step/plan/streamed_bytes_per_step"), 0);
-    assert_eq!(all.pointer("/settings/per_step/time/bound"), Some(&Value::from("compute")));
-}
-
-/// A folder with only a config is enough, at its root or under `transformer/`; a percentage
-/// budget is a share of the weights; chunked attention lowers the activation estimate.
-#[test]
-fn config_only_folders_and_percent_budgets() {
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path().join("model");
-    std::fs::create_dir_all(root.join("transformer")).unwrap();
-    std::fs::write(root.join("transformer/config.json"), TransformerConfig::tiny().to_diffusers_json()).unwrap();
-    let root_str = root.to_str().expect("temp paths are UTF-8");
-    let from_folder = plan_json(&["--model", root_str, "--size", "64x64", "--budget", "60%"]);
-    let from_preset = plan_json(&["--preset", "tiny", "--size", "64x64", "--budget", "60%"]);
-    assert_eq!(from_folder.pointer("/settings"), from_preset.pointer("/settings"));
-    assert!(from_folder.pointer("/config/source").and_then(Value::as_str).unwrap().contains("config.json"));
-    let weight_bytes = u64_at(&from_preset, "/config/weight_bytes");
-    assert_eq!(u64_at(&from_preset, "/budget/bytes"), (weight_bytes as f64 * 0.6).floor() as u64);
-
-    let chunked = plan_json(&["--preset", "tiny", "--size", "64x64", "--attention-chunk", "8"]);
-    assert!(u64_at(&chunked, "/activations/peak_bytes") < u64_at(&from_preset, "/activations/peak_bytes"));
-
-    // Non-square sizes are padded to max_seq image tokens (64 for the tiny preset).
-    let padded = plan_json(&["--preset", "tiny", "--size", "32x64"]);
-    assert_eq!(u64_at(&padded, "/size/image_tokens"), 64);
-    assert_eq!(padded.pointer("/size/padded"), Some(&Value::Bool(true)));
-}
-
-/// A budget that only the precomputed setting fits: the run succeeds and reports why the other
-/// setting does not fit.
-#[test]
-fn one_setting_failing_is_not_an_error() {
-    let report = plan_json(&["--preset", "full", "--budget", "1.5GiB", "--variant", "fast"]);
-    assert_eq!(report.pointer("/settings/per_step/plan"), Some(&Value::Null));
-    let error = report.pointer("/settings/per_step/error").and_then(Value::as_str).unwrap();
-    assert!(error.contains("too small"), "{error}");
-    assert!(report.pointer("/settings/per_prompt/plan/peak_weight_bytes").is_some());
-    assert_eq!(report.pointer("/settings/per_prompt/error"), Some(&Value::Null));
-}
-
-#[test]
-fn bad_inputs_are_one_clear_error() {
-    check_error(&hidream(&["plan", "--budget", "lots"]), "lots");
-    check_error(&hidream(&["plan", "--size", "100x"]), "100x");
-    check_error(&hidream(&["plan", "--size", "1000x1000"]), "multiples of 16");
-    check_error(&hidream(&["plan", "--size", "1024x2048"]), "max_seq");
-    check_error(&hidream(&["plan", "--variant", "turbo"]), "turbo");
-    check_error(&hidream(&["plan", "--preset", "huge"]), "unknown preset `huge`");
-    check_error(&hidream(&["plan", "--bandwidth", "0GB/s"]), "bandwidth");
-    check_error(&hidream(&["plan", "--tflops", "0"]), "--tflops");
-    check_error(&hidream(&["plan", "--attention-chunk", "0"]), "--attention-chunk");
-
-    // Below the minimum of both settings: the report, then one error giving both minimums.
-    let cfg = TransformerConfig::full();
-    let minimum = |precompute| Plan::minimum_budget(UnitTable::new(&cfg, DType::BF16, precompute).specs(), 1);
+fn the_binary_fails_cleanly_when_nothing_fits() {
     let output = hidream(&["plan", "--preset", "full", "--budget", "100MiB"]);
-    check_error(&output, "fits neither setting");
-    for precompute in [Precompute::PerStep, Precompute::PerPrompt] {
-        check_error(&output, &format!("({} bytes)", minimum(precompute)));
-    }
-
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("nowhere");
-    check_error(&hidream(&["plan", "--model", path(&missing)]), "nowhere");
-    let broken = dir.path().join("broken");
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::write(broken.join("config.json"), r#"{"patch_size": 2}"#).unwrap();
-    check_error(&hidream(&["plan", "--model", path(&broken)]), "config.json");
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().expect("temp paths are UTF-8")
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.starts_with("error: memory budget 100.00 MiB"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("does not fit"));
 }

@@ -151,7 +151,7 @@ impl TransformerConfig {
 
     /// A slice of this architecture with `num_layers` double and `num_single_layers` single blocks
     /// (at most as many as it has), keeping every width and each kept block's Llama layer: a
-    /// full-width model that fits a benchmark.
+    /// full-width model that fits a benchmark. The slice is validated: it needs at least one block.
     pub fn with_layers(&self, num_layers: usize, num_single_layers: usize) -> Result<Self> {
         if num_layers > self.num_layers || num_single_layers > self.num_single_layers {
             return Err(invalid(
@@ -162,14 +162,18 @@ impl TransformerConfig {
                 ),
             ));
         }
+        // A valid config has one Llama layer per block, so the slices below are in range.
+        self.validate()?;
         let double = &self.llama_layers[..num_layers];
         let single = &self.llama_layers[self.num_layers..self.num_layers + num_single_layers];
-        Ok(TransformerConfig {
+        let slice = TransformerConfig {
             num_layers,
             num_single_layers,
             llama_layers: double.iter().chain(single).copied().collect(),
             ..self.clone()
-        })
+        };
+        slice.validate()?;
+        Ok(slice)
     }
 
     /// Reads and validates a diffusers `config.json`.
@@ -255,6 +259,16 @@ impl TransformerConfig {
             ));
         }
         let n_blocks = self.n_blocks();
+        if n_blocks == 0 {
+            // The forward starts the text stream from the last block's Llama projection (diffusers'
+            // `encoder_hidden_states[-2]`), so a model needs at least one block of either kind.
+            return Err(invalid(
+                "num_layers",
+                "plus num_single_layers must be at least 1: a HiDream transformer without blocks has no \
+                 text stream to start from; keep at least one double or single block (num_layers or \
+                 num_single_layers of 1 or more in config.json; `--layers 1,0` for `hidream synth`)",
+            ));
+        }
         if self.llama_layers.len() != n_blocks {
             return Err(invalid(
                 "llama_layers",
@@ -357,6 +371,16 @@ mod tests {
         assert_eq!((slice.num_layers, slice.num_single_layers, slice.inner_dim()), (2, 3, 2560));
         assert_eq!(slice.llama_layers, vec![0, 1, 16, 17, 18]);
         assert!(TransformerConfig::small().with_layers(5, 0).is_err());
+        // One block of either kind is a model; no block at all is a typed error, not a panic later.
+        for (double, single) in [(1, 0), (0, 1)] {
+            TransformerConfig::tiny().with_layers(double, single).unwrap();
+        }
+        match TransformerConfig::tiny().with_layers(0, 0) {
+            Err(ConfigError::Invalid { field: "num_layers", problem }) => {
+                assert!(problem.contains("at least one double or single block"), "{problem}");
+            }
+            other => panic!("expected an error on num_layers, got {other:?}"),
+        }
     }
 
     #[test]
@@ -400,6 +424,10 @@ mod tests {
         check("max_resolution", |c| c.max_resolution = vec![15, 16]);
         check("patch_size", |c| c.patch_size = 0);
         check("out_channels", |c| c.out_channels = Some(0));
+        check("num_layers", |c| {
+            (c.num_layers, c.num_single_layers) = (0, 0);
+            c.llama_layers.clear();
+        });
     }
 
     #[test]

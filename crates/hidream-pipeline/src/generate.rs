@@ -218,21 +218,8 @@ pub struct Generated {
     pub plan: String,
 }
 
-/// diffusers' rescaling of a requested `(width, height)`: about `(default_sample_size ·
-/// vae_scale_factor)²` pixels in area, each side a multiple of `2 · vae_scale_factor`.
-pub fn pipeline_size(
-    requested: Option<(usize, usize)>,
-    vae_scale_factor: usize,
-    default_sample_size: usize,
-) -> (usize, usize) {
-    let default_side = default_sample_size * vae_scale_factor;
-    let (width, height) = requested.unwrap_or((default_side, default_side));
-    let division = (vae_scale_factor * 2) as f64;
-    let s_max = (default_side * default_side) as f64;
-    let scale = (s_max / (width * height) as f64).sqrt();
-    let side = |x: usize| ((x as f64 * scale / division).floor() * division) as usize;
-    (side(width), side(height))
-}
+/// diffusers' rescaling of a requested size (kept here for callers of this module).
+pub use crate::planning::pipeline_size;
 
 /// Runs the whole pipeline.
 pub fn generate(
@@ -253,7 +240,7 @@ pub fn generate(
 
     // 1. Size.
     let vae_scale_factor = vae_config.upscale();
-    let (width, height) = pipeline_size(request.size, vae_scale_factor, settings.default_sample_size);
+    let (width, height) = pipeline_size(request.size, vae_scale_factor, settings.default_sample_size)?;
     if let Some(requested) = request.size
         && requested != (width, height)
     {
@@ -366,14 +353,21 @@ pub fn generate(
 }
 
 fn check_shape(what: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {
-    if tensor.dims() == expected {
-        Ok(())
-    } else {
-        Err(PipelineError::invalid(
-            what,
-            format!("has shape {:?}, but this size and model need {expected:?}", tensor.dims()),
-        ))
+    let dims = tensor.dims();
+    if dims == expected {
+        return Ok(());
     }
+    // A latent of the transposed size is a size given as height × width.
+    let mut transposed = expected.to_vec();
+    if let [.., height, width] = transposed.as_mut_slice() {
+        std::mem::swap(height, width);
+    }
+    let hint = if dims == transposed {
+        " (its height and width are swapped: sizes are WIDTHxHEIGHT, and latents are [.., H/8, W/8])"
+    } else {
+        ""
+    };
+    Err(PipelineError::invalid(what, format!("has shape {dims:?}, but this size and model need {expected:?}{hint}")))
 }
 
 fn standard_normal(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
@@ -384,22 +378,4 @@ fn standard_normal_from(shape: &[usize], rng: &mut StdRng, device: &Device) -> R
     let count: usize = shape.iter().product();
     let values: Vec<f32> = (0..count).map(|_| StandardNormal.sample(rng)).collect();
     Ok(Tensor::from_vec(values, shape, device)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// diffusers' arithmetic: 1024² stays; 512² and 2048² become 1024²; 1920×1080 keeps its
-    /// aspect within multiples of 16.
-    #[test]
-    fn sizes_rescale_like_diffusers() {
-        assert_eq!(pipeline_size(None, 8, 128), (1024, 1024));
-        assert_eq!(pipeline_size(Some((1024, 1024)), 8, 128), (1024, 1024));
-        assert_eq!(pipeline_size(Some((512, 512)), 8, 128), (1024, 1024));
-        assert_eq!(pipeline_size(Some((2048, 2048)), 8, 128), (1024, 1024));
-        // scale = sqrt(1024² / (1920·1080)) = 0.7111..; 1920·s = 1365.3 -> 1360; 1080·s = 768.0 -> 768
-        // (the values Python's `int(w * scale // 16 * 16)` gives).
-        assert_eq!(pipeline_size(Some((1920, 1080)), 8, 128), (1360, 768));
-    }
 }

@@ -7,6 +7,8 @@
 //! - [`sampling`]: which official sampler (hidream-schedulers) each variant uses.
 //! - [`vae`]: the Flux 16-channel AutoencoderKL decoder with tiling and slicing.
 //! - [`generate`]: text to image, stage by stage, under a memory policy.
+//! - [`planning`]: what fits in a memory budget and how fast it can run, from the config alone;
+//!   image sizes (width × height) and diffusers' size rescaling.
 //!
 //! The text encoders are hidream-text's and the samplers hidream-schedulers'; this crate
 //! re-exports neither. It wires the others; it is the first that knows weights, memory and model
@@ -16,6 +18,7 @@
 pub mod denoise;
 mod error;
 pub mod generate;
+pub mod planning;
 pub mod runner;
 pub mod sampling;
 mod units;

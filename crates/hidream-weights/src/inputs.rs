@@ -19,7 +19,7 @@ use safetensors::tensor::View;
 
 #[cfg(feature = "synth")]
 use crate::synth::named_rng;
-use crate::{Checkpoint, Result, WeightsError};
+use crate::{Checkpoint, Result, WeightsError, write_atomic};
 
 /// The sizes and seed of a synthetic transformer input.
 #[cfg(feature = "synth")]
@@ -82,15 +82,16 @@ pub fn synthetic_inputs(config: &TransformerConfig, spec: &InputSpec) -> Result<
 }
 
 /// Writes named tensors (any device; F32, F16, BF16 or F64) to one safetensors file. The file
-/// appears whole or not at all: the safetensors crate writes a sibling temporary file and renames
-/// it into place.
+/// appears whole or not at all ([`write_atomic`]): a failed write leaves no stray file and an
+/// existing file as it was.
 pub fn write_tensors(path: &Path, tensors: &HashMap<String, Tensor>) -> Result<()> {
     let views = tensors
         .iter()
         .map(|(name, tensor)| Ok((name.clone(), HostTensor::new(path, name, tensor)?)))
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|source| WeightsError::Safetensors { file: path.to_owned(), source })
+    let bytes = safetensors::serialize(views, None)
+        .map_err(|source| WeightsError::Safetensors { file: path.to_owned(), source })?;
+    write_atomic(path, |writer| writer.write_all(&bytes))
 }
 
 /// Reads every tensor of one safetensors file onto `device`, each in the dtype it is stored in
@@ -108,7 +109,17 @@ fn draw(seed: u64, name: &str, shape: &[usize], sample: impl Fn(&mut StdRng) -> 
         WeightsError::InvalidOption { what: "input size", problem: format!("{name} {shape:?} is too large") }
     })?;
     let mut rng = named_rng(seed, name);
-    let values: Vec<f32> = (0..n_elements).map(|_| sample(&mut rng)).collect();
+    // A size the machine cannot hold is an error here rather than an abort in the allocator.
+    let mut values: Vec<f32> = Vec::new();
+    values.try_reserve_exact(n_elements).map_err(|_| WeightsError::InvalidOption {
+        what: "input size",
+        problem: format!(
+            "{name} {shape:?} needs {} bytes of f32, more than this machine can allocate; ask for fewer tokens, \
+             a smaller latent or a smaller batch",
+            n_elements.saturating_mul(4)
+        ),
+    })?;
+    values.extend((0..n_elements).map(|_| sample(&mut rng)));
     let tensor = Tensor::from_vec(values, shape, &Device::Cpu).map_err(|source| WeightsError::Candle {
         file: PathBuf::from("(synthetic inputs)"),
         tensor: name.to_owned(),

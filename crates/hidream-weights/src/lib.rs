@@ -32,6 +32,7 @@
 //! ```
 #![deny(unsafe_code)]
 
+mod atomic;
 mod checkpoint;
 mod error;
 mod header;
@@ -42,6 +43,7 @@ mod synth;
 mod unit_buffer;
 mod var_builder;
 
+pub use atomic::{check_writable, write_atomic};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use error::{Result, WeightsError};
 #[cfg(feature = "synth")]

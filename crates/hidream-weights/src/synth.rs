@@ -111,6 +111,9 @@ fn write_into(dir: &Path, config: &TransformerConfig, options: &SynthOptions) ->
             .map(|spec| Ok((spec.name.clone(), SynthTensor::new(spec, options)?)))
             .collect::<Result<Vec<_>>>()?;
         let metadata = HashMap::from([("format".to_owned(), "pt".to_owned())]);
+        // Not through `write_atomic`: a shard streams tensors drawn on demand, which only
+        // safetensors' own file writer does; it is atomic in the same way (a `NamedTempFile` in
+        // the shard's folder, persisted once written).
         safetensors::serialize_to_file(tensors, Some(metadata), &path)
             .map_err(|source| WeightsError::Safetensors { file: path.clone(), source })?;
         weight_map.extend(shard.iter().map(|spec| (spec.name.clone(), name.clone())));
@@ -161,7 +164,7 @@ fn write_config(path: &Path, config: &TransformerConfig, options: &SynthOptions)
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     let text = serde_json::to_string_pretty(value)
         .map_err(|err| WeightsError::InvalidOption { what: "json", problem: err.to_string() })?;
-    std::fs::write(path, text + "\n").map_err(io_error(path))
+    crate::write_atomic(path, |writer| writeln!(writer, "{text}"))
 }
 
 /// Refuses a `dir` that exists and is neither empty nor a synthetic checkpoint.
