@@ -278,7 +278,16 @@ impl fmt::Display for Plan {
             self.n_slots,
             format_bytes(self.slot_bytes),
             format_bytes(self.peak_weight_bytes()),
-        )
+        )?;
+        if let Some(requested) = self.requested_prefetch_depth {
+            write!(
+                f,
+                " (prefetch depth {requested} clamped to {}: a pass streams {} units)",
+                self.prefetch_depth,
+                self.streamed.len()
+            )?;
+        }
+        Ok(())
     }
 }
 

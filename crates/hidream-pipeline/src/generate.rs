@@ -288,6 +288,13 @@ pub fn generate(
     }
     let mut runner = TransformerRunner::new(transformer_checkpoint, device, settings.transformer)?;
     let plan = runner.plan().to_string();
+    if let Some(requested) = runner.plan().requested_prefetch_depth() {
+        observe(Event::Notice(format!(
+            "--prefetch {requested} is deeper than a step's {} streamed blocks; loading {} ahead",
+            runner.plan().streamed().len(),
+            runner.plan().prefetch_depth()
+        )));
+    }
     let batch = if cfg_on { 2 } else { 1 };
     let step_timesteps =
         timesteps.iter().map(|&t| Tensor::full(t, batch, device)).collect::<candle_core::Result<Vec<_>>>()?;

@@ -24,9 +24,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use hidream_config::{SizeModel, TransformerConfig};
-use hidream_memory::{
-    BudgetLedger, DEFAULT_PREFETCH_DEPTH, Plan, Policy, PrefetchStats, Residency, ScheduleError, UnitSpec,
-};
+use hidream_memory::{BudgetLedger, Plan, Policy, PrefetchStats, Residency, ScheduleError, UnitSpec};
 use hidream_model::{
     AttentionConfig, HiDreamTransformer, Modulation, StepInputs, StepModulation, TextTokens, TransformerInputs,
     caption_input,
@@ -226,9 +224,10 @@ impl TransformerRunner {
         let specs = prepare_specs(&cfg, self.config.compute_dtype);
         let ledger = Arc::clone(self.steps.ledger());
         let room = ledger.budget_bytes().map(|budget| budget.saturating_sub(ledger.current_bytes()));
+        // Loading ahead takes a second layer's room; `all` keeps its peak at the resident units
+        // plus one layer, as `sequential` does.
         let depth = match self.config.policy {
-            Policy::Sequential => 0,
-            Policy::All => DEFAULT_PREFETCH_DEPTH,
+            Policy::All | Policy::Sequential => 0,
             Policy::Stream { prefetch } | Policy::Budget { prefetch, .. } => prefetch,
         };
         let plan = Plan::single_pass(&specs, room, depth)?;
