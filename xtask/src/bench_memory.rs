@@ -206,14 +206,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     bar.finish_and_clear();
 
-    let differing: Vec<String> = results
-        .iter()
-        .filter(|result| result.spec != RunSpec::REFERENCE)
-        .filter_map(|result| {
-            let diff = result.outcome.measured()?.max_abs_diff;
-            (diff != Some(0.0)).then(|| format!("{}: max |out − reference| = {diff:?}", result.spec.name()))
-        })
-        .collect();
+    let differing = runs::differences_from_reference(&results);
 
     let baseline_path = util::root().join("bench/memory-baseline.toml");
     let baseline = match std::fs::read_to_string(&baseline_path) {
@@ -423,7 +416,8 @@ fn write_reports(
          `{command}` on {date}: {nproc} CPUs ({cpu}), git {git}, `hidream` built in the {profile} profile.\n\n\
          Setup: {setup}.\n\n\
          {table}\n\
-         - The reference is `{reference}`; *max diff* is max |output − reference| and must be 0.\n\
+         - The reference is `{reference}`; *max diff* is max |output − reference|, and every output \
+         must have the reference's bits (`0 (identical)`).\n\
          - *peak device* is the process heap peak, *peak weights* the pool's peak of unit weights.\n\
          - *× all* is the seconds per step over those of `all` with the same precompute setting, \
          measured in this same run; *stall* is the time the compute waited for streamed units.\n\

@@ -66,7 +66,9 @@ pub fn run(args: &DenoiseArgs) -> Result<()> {
         let reference = hidream_weights::read_tensors(reference, &Device::Cpu)?
             .remove("sample")
             .with_context(|| format!("{} has no `sample`", reference.display()))?;
-        value["max_abs_diff"] = f64::from(max_abs_diff(&sample, &reference)?).into();
+        let (max_diff, bit_identical) = max_abs_diff(&sample, &reference)?;
+        value["max_abs_diff"] = f64::from(max_diff).into();
+        value["bit_identical"] = bit_identical.into();
     }
     let dims = sample.dims().to_vec();
     hidream_weights::write_tensors(&run.out, &HashMap::from([("sample".to_owned(), sample)]))?;

@@ -201,11 +201,44 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
         .with_context(|| format!("writing the report {}", path.display()))
 }
 
-/// Max |a − b| over two tensors of the same shape.
-pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<f32> {
+/// Max |a − b| over two tensors of the same shape, and whether their bits are identical.
+///
+/// candle's `max` skips NaN, so the difference is taken element by element: an element that is
+/// NaN on one side only makes it NaN (`null` in a JSON report); NaN on both sides, or equal
+/// infinities, count as no difference. Bit identity needs one dtype and the same bits everywhere,
+/// so it also tells `-0` from `+0` and NaN payloads apart (f64 is compared as f64; other dtypes
+/// through their exact f32 widening, which for f16 NaNs keeps sign and payload but sets the quiet
+/// bit).
+pub fn max_abs_diff(a: &candle_core::Tensor, b: &candle_core::Tensor) -> Result<(f32, bool)> {
+    use candle_core::DType;
     if a.dims() != b.dims() {
         bail!("cannot compare shapes {:?} and {:?}", a.dims(), b.dims());
     }
-    let diff = (a.to_dtype(candle_core::DType::F32)? - b.to_dtype(candle_core::DType::F32)?)?.abs()?;
-    Ok(diff.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    let values =
+        |t: &candle_core::Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?) };
+    let (a_values, b_values) = (values(a)?, values(b)?);
+    let mut max = 0f32;
+    for (x, y) in a_values.iter().zip(&b_values) {
+        let diff = match (x.is_nan(), y.is_nan()) {
+            (true, true) => 0.0,
+            (false, false) if x == y => 0.0,
+            (false, false) => (x - y).abs(),
+            _ => f32::NAN,
+        };
+        if diff.is_nan() {
+            max = f32::NAN;
+            break;
+        }
+        max = max.max(diff);
+    }
+    let bit_identical = a.dtype() == b.dtype()
+        && if a.dtype() == DType::F64 {
+            let bits = |t: &candle_core::Tensor| -> Result<Vec<u64>> {
+                Ok(t.flatten_all()?.to_vec1::<f64>()?.into_iter().map(f64::to_bits).collect())
+            };
+            bits(a)? == bits(b)?
+        } else {
+            a_values.iter().map(|v| v.to_bits()).eq(b_values.iter().map(|v| v.to_bits()))
+        };
+    Ok((max, bit_identical))
 }

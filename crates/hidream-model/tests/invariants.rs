@@ -8,6 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{DType as StorageDType, TransformerConfig};
 use hidream_model::{AttentionConfig, HiDreamModel, TransformerInputs, patchify, scaled_dot_product_attention};
+use hidream_test_support::{ensure_close, scale};
 use hidream_weights::{Checkpoint, InputSpec, SynthOptions};
 
 fn tiny_checkpoint(dir: &std::path::Path) -> Result<(TransformerConfig, Checkpoint)> {
@@ -21,14 +22,6 @@ fn inputs(cfg: &TransformerConfig, batch: usize, height: usize, width: usize, se
     let spec = InputSpec { batch, height, width, t5_tokens: 5, llama_tokens: 7, seed };
     let mut tensors: HashMap<String, Tensor> = hidream_weights::synthetic_inputs(cfg, &spec)?;
     Ok(TransformerInputs::from_tensors(&mut tensors, "")?)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-    Ok((a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-fn max_abs(a: &Tensor) -> Result<f32> {
-    Ok(a.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
 }
 
 /// Each sample of a batch gets the output it would get alone, on both latent paths.
@@ -51,46 +44,57 @@ fn batch_samples_are_independent() -> Result<()> {
                 pooled_embeds: pick(&batch.pooled_embeds, 0)?,
             };
             let out = model.forward(&alone)?;
-            let diff = max_abs_diff(&out, &together.narrow(0, sample, 1)?)?;
-            assert!(diff <= 1e-5 * max_abs(&out)?.max(1.0), "{height}x{width} sample {sample}: diff {diff}");
+            let label = format!("{height}x{width} sample {sample}: alone vs batched");
+            ensure_close(&label, &out, &together.narrow(0, sample, 1)?, 1e-5 * scale(&out)?)?;
         }
     }
     Ok(())
 }
 
 /// Query-chunked attention stays within 1e-5 of the unchunked result, in a whole forward.
+///
+/// A chunk of at least the number of queries takes the unchunked path, so every chunk here is
+/// smaller than the image tokens alone, which every attention call attends from. Each call of this
+/// forward has 83 queries (64 image tokens, the non-square latent padded to `max_seq`, then 5 T5
+/// and 2 × 7 Llama tokens), a prime: no chunk divides it, so the last chunk is always a short one.
 #[test]
 fn chunked_attention_matches_unchunked() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (cfg, checkpoint) = tiny_checkpoint(dir.path())?;
     let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?;
     let batch = inputs(&cfg, 1, 8, 12, 5)?;
+    let n_image_tokens = patchify(&cfg, &batch.hidden_states)?.tokens.dim(1)?;
     let reference = model.forward(&batch)?;
-    for chunk in [1, 7, 16, 1000] {
+    for chunk in [1, 7, 16, 63] {
+        assert!(chunk < n_image_tokens, "chunk {chunk} would not chunk {n_image_tokens} image tokens");
         model.transformer_mut().set_attention(AttentionConfig { query_chunk: Some(chunk) });
-        let diff = max_abs_diff(&model.forward(&batch)?, &reference)?;
-        assert!(diff <= 1e-5 * max_abs(&reference)?.max(1.0), "chunk {chunk}: diff {diff}");
+        let label = format!("chunk {chunk}: chunked vs unchunked");
+        ensure_close(&label, &model.forward(&batch)?, &reference, 1e-5 * scale(&reference)?)?;
     }
     Ok(())
 }
 
-/// The attention kernel itself, chunked against unchunked, on uneven sizes.
+/// The attention kernel itself, chunked against unchunked, with chunks that do not divide the 37
+/// queries (and one of 1), and against the formula in f64.
 #[test]
 fn chunked_sdpa_matches() -> Result<()> {
     let device = Device::Cpu;
-    let query = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
-    let key = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
-    let value = Tensor::randn(0f32, 1.0, (2, 3, 37, 16), &device)?;
+    let n_queries = 37;
+    let query = Tensor::randn(0f32, 1.0, (2, 3, n_queries, 16), &device)?;
+    let key = Tensor::randn(0f32, 1.0, (2, 3, n_queries, 16), &device)?;
+    let value = Tensor::randn(0f32, 1.0, (2, 3, n_queries, 16), &device)?;
     let full = scaled_dot_product_attention(&query, &key, &value, AttentionConfig::default())?;
-    for chunk in [1, 5, 36, 37] {
+    for chunk in [1, 5, 36] {
+        assert!(chunk < n_queries, "chunk {chunk} would take the unchunked path");
+        assert!(chunk == 1 || n_queries % chunk != 0, "chunk {chunk} divides {n_queries}: no short last chunk");
         let chunked = scaled_dot_product_attention(&query, &key, &value, AttentionConfig { query_chunk: Some(chunk) })?;
-        assert!(max_abs_diff(&full, &chunked)? <= 1e-5, "chunk {chunk}");
+        ensure_close(&format!("chunk {chunk}: chunked vs unchunked"), &chunked, &full, 1e-5)?;
     }
     // Against softmax(q kᵀ/√d) v written out in f64.
     let (q, k, v) = (query.to_dtype(DType::F64)?, key.to_dtype(DType::F64)?, value.to_dtype(DType::F64)?);
     let scores = (q.matmul(&k.t()?)? / 4.0)?;
     let expected = candle_nn::ops::softmax(&scores, candle_core::D::Minus1)?.matmul(&v)?;
-    assert!(max_abs_diff(&full, &expected)? <= 1e-5);
+    ensure_close("unchunked vs f64", &full, &expected, 1e-5)?;
     Ok(())
 }
 
@@ -128,8 +132,7 @@ fn bf16_tracks_f32() -> Result<()> {
     let reference = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::F32, &Device::Cpu))?.forward(&batch)?;
     let bf16 = HiDreamModel::new(&cfg, &checkpoint.var_builder(DType::BF16, &Device::Cpu))?.forward(&batch)?;
     assert_eq!(bf16.dtype(), DType::BF16);
-    let diff = max_abs_diff(&bf16, &reference)?;
-    assert!(diff <= 0.05 * max_abs(&reference)?.max(1.0), "bf16 diff {diff}");
+    ensure_close("bf16 vs f32", &bf16, &reference, 0.05 * scale(&reference)?)?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use hidream_pipeline::denoise::{TextConditioning, denoise};
 use hidream_pipeline::runner::{RunnerConfig, TransformerRunner};
 use hidream_pipeline::{PipelineError, Precompute, UnitTable};
 use hidream_schedulers::euler::{EulerSchedule, StepEvent};
+use hidream_test_support::bits;
 use hidream_weights::{Checkpoint, InputSpec, SynthOptions};
 
 struct Fixture {
@@ -42,10 +43,6 @@ fn runner(fixture: &Fixture, policy: Policy, precompute: Precompute) -> Result<T
         attention: AttentionConfig::default(),
     };
     TransformerRunner::new(fixture.checkpoint.clone(), &Device::Cpu, config)
-}
-
-fn bits(tensor: &Tensor) -> Result<Vec<u32>> {
-    Ok(tensor.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
 }
 
 fn minimum_budget(cfg: &TransformerConfig, precompute: Precompute, prefetch: usize) -> u64 {

@@ -171,7 +171,6 @@ regenerated, compare, and rerun this script.
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -183,7 +182,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 import diffusers
 import transformers
@@ -192,6 +190,9 @@ from diffusers.pipelines.hidream_image import pipeline_hidream_image as diffuser
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import golden_util  # noqa: E402  (tests/golden/golden_util.py)
 
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "model"
@@ -238,18 +239,8 @@ TRANSFORMER = dict(
 )
 
 
-def load_hdi1_scheduler_module(name):
-    """One of hdi1's scheduler files, loaded on its own (the package __init__ imports the transformer,
-    einops and flash_attn). They import only numpy, torch and diffusers."""
-    root = importlib.util.find_spec("hdi1").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("hdi1_" + name, os.path.join(root, "schedulers", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-UNIPC_MODULE = load_hdi1_scheduler_module("fm_solvers_unipc")
-FLASH_MODULE = load_hdi1_scheduler_module("flash_flow_match")
+UNIPC_MODULE = golden_util.hdi1_scheduler_module("fm_solvers_unipc")
+FLASH_MODULE = golden_util.hdi1_scheduler_module("flash_flow_match")
 UniPC = UNIPC_MODULE.FlowUniPCMultistepScheduler
 Flash = FLASH_MODULE.FlashFlowMatchEulerDiscreteScheduler
 
@@ -275,22 +266,6 @@ retrieve_timesteps = diffusers_pipeline_module.retrieve_timesteps
 
 # --------------------------------------------------------------------------------------------
 # Model folder
-
-
-def build_transformer():
-    torch.manual_seed(TRANSFORMER_SEED)
-    model = HiDreamImageTransformer2DModel(**TRANSFORMER)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.RMSNorm):
-                module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
-        for name, module in model.named_modules():
-            if name.endswith("adaLN_modulation"):
-                module[1].weight.mul_(ADALN_SCALE)
-                module[1].bias.mul_(ADALN_SCALE)
-    for name, param in model.named_parameters():
-        assert param.numel() > 1 and param.detach().std() > 0, f"trivial parameter {name}"
-    return model.eval()
 
 
 def check_text_dims():
@@ -322,10 +297,8 @@ def symlink(link: Path, target: str):
 def write_model_folder():
     check_text_dims()
     MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    out = MODEL_DIR / "transformer"
-    if out.exists():
-        shutil.rmtree(out)
-    model = build_transformer()
+    out = golden_util.reset_dir(MODEL_DIR / "transformer")
+    model = golden_util.build_hidream_transformer(TRANSFORMER, TRANSFORMER_SEED, ADALN_SCALE)
     model.save_pretrained(out, safe_serialization=True)
     loaded, info = HiDreamImageTransformer2DModel.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in info), info
@@ -336,10 +309,7 @@ def write_model_folder():
         symlink(MODEL_DIR / name, target)
     symlink(LLAMA_LINK, LLAMA_TARGET)
 
-    sched_dir = MODEL_DIR / "scheduler"
-    if sched_dir.exists():
-        shutil.rmtree(sched_dir)
-    make_scheduler("full").save_config(sched_dir)
+    make_scheduler("full").save_config(golden_util.reset_dir(MODEL_DIR / "scheduler"))
 
     model_index = {
         "_class_name": "HiDreamImagePipeline",
@@ -356,7 +326,7 @@ def write_model_folder():
         "transformer": ["diffusers", "HiDreamImageTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (MODEL_DIR / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    golden_util.write_json(MODEL_DIR / "model_index.json", model_index)
 
 
 def make_scheduler(variant):
@@ -457,10 +427,7 @@ class GateMargins:
                 self.handles.append(module.register_forward_hook(self.hook))
 
     def hook(self, mod, args, out):
-        x = args[0]
-        scores = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), mod.weight).softmax(dim=-1)
-        top = scores.sort(dim=-1, descending=True).values
-        self.min_margin = min(self.min_margin, (top[:, self.k - 1] - top[:, self.k]).min().item())
+        self.min_margin = min(self.min_margin, golden_util.gate_margin(mod, args[0], self.k))
 
     def remove(self):
         for h in self.handles:
@@ -696,14 +663,9 @@ def f64_diff(model, calls):
 
 def ablation(model, calls):
     """For each parameter tensor, the largest change of any call's output when it is reset."""
-    effects = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            saved = param.detach().clone()
-            param.fill_(1.0 if "rms_norm" in name else 0.0)
-            effects[name] = max((forward(model, c) - c["out"]).abs().max().item() for c in calls)
-            param.copy_(saved)
-    return effects
+    return golden_util.ablation_effects(
+        model, lambda: max((forward(model, c) - c["out"]).abs().max().item() for c in calls)
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -714,17 +676,7 @@ def check_official(pipe, recs):
     """Runs hdi1's own HiDreamImagePipeline (and hdi1's transformer class on the same weights) on each
     case and compares with the recorded run (flash_attn replaced by SDPA: expected equal to ~1e-6, found
     bit-identical)."""
-    import types
-
-    def flash_attn_func(q, k, v, dropout_p=0.0, causal=False):  # [B, S, H, D], as flash_attn
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout_p, is_causal=causal)
-        return out.transpose(1, 2)
-
-    stub = types.ModuleType("flash_attn")
-    stub.flash_attn_func = flash_attn_func
-    sys.modules.setdefault("flash_attn", stub)
-    import hdi1  # noqa: F401  (needs einops)
+    golden_util.import_hdi1()  # needs einops
     from hdi1.models.transformers.transformer_hidream_image import HiDreamImageTransformer2DModel as Official
     from hdi1.pipelines.hidream_image.pipeline_hidream_image import HiDreamImagePipeline as OfficialPipeline
     import hdi1.schedulers.flash_flow_match as official_flash
@@ -771,24 +723,20 @@ def check_official(pipe, recs):
 
 
 def write_case(case, rec, pipe, note):
-    out = CASES_DIR / case["name"]
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = golden_util.reset_dir(CASES_DIR / case["name"])
     steps = case["steps"]
     latent_tensors = {"initial": rec["tensors"]["initial"]}
     for i in range(steps):
         for key in ["model_output", "noise_pred", "step"]:
             latent_tensors[f"{key}.{i}"] = rec["tensors"][f"{key}.{i}"]
     latent_tensors["final"] = rec["tensors"]["final"]
-    contiguous = lambda d: {k: v.detach().contiguous() for k, v in d.items()}  # noqa: E731
-    save_file(contiguous(rec["tokens"]), out / "tokens.safetensors")
-    save_file(contiguous(rec["embeds"]), out / "embeddings.safetensors")
-    save_file(contiguous(latent_tensors), out / "latents.safetensors")
+    golden_util.save_tensors(rec["tokens"], out / "tokens.safetensors")
+    golden_util.save_tensors(rec["embeds"], out / "embeddings.safetensors")
+    golden_util.save_tensors(latent_tensors, out / "latents.safetensors")
     if "noise" in rec:
-        save_file({"noise": rec["noise"].contiguous()}, out / "noise.safetensors")
-    save_file(contiguous({"timesteps": rec["timesteps"], "sigmas": rec["sigmas"]}), out / "timesteps.safetensors")
-    save_file(contiguous(rec["image"]), out / "image.safetensors")
+        golden_util.save_tensors({"noise": rec["noise"]}, out / "noise.safetensors")
+    golden_util.save_tensors({"timesteps": rec["timesteps"], "sigmas": rec["sigmas"]}, out / "timesteps.safetensors")
+    golden_util.save_tensors(rec["image"], out / "image.safetensors")
     rec["pil"].save(out / "image.png")
     decoded = rec["image"]["decoded"]
     scheduler = rec["scheduler"]
@@ -820,7 +768,7 @@ def write_case(case, rec, pipe, note):
         "decoded_out_of_range_fraction": round(((decoded < -1) | (decoded > 1)).float().mean().item(), 4),
         "cross_check": note,
     }
-    (out / "case.json").write_text(json.dumps(meta, indent=2) + "\n")
+    golden_util.write_json(out / "case.json", meta)
 
 
 def write_components():
@@ -829,7 +777,7 @@ def write_components():
         root = MODEL_DIR / folder
         for f in sorted(root.resolve().iterdir()):
             hashes[f"{folder.removeprefix('../')}/{f.name}"] = hashlib.sha256(f.read_bytes()).hexdigest()
-    (CASES_DIR / "components.json").write_text(json.dumps(hashes, indent=2) + "\n")
+    golden_util.write_json(CASES_DIR / "components.json", hashes)
 
 
 def main():
@@ -853,8 +801,7 @@ def main():
     weakest = sorted(effects.items(), key=lambda kv: kv[1])[:3]
     dead = [k for k, v in effects.items() if v < 1e-5]
 
-    if CASES_DIR.exists():
-        shutil.rmtree(CASES_DIR)
+    golden_util.reset_dir(CASES_DIR)
     for case, rec, note in zip(CASES, recs, notes):
         write_case(case, rec, pipe, note)
     write_components()

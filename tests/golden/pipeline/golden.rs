@@ -14,13 +14,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use hidream_memory::{Plan, Policy};
 use hidream_model::AttentionConfig;
 use hidream_pipeline::generate::{Event, GenerateRequest, GenerateSettings, Generated, ModelFolder, generate};
 use hidream_pipeline::runner::RunnerConfig;
 use hidream_pipeline::vae::DecodeOptions;
 use hidream_pipeline::{Precompute, UnitTable};
+use hidream_test_support::{ensure_bit_identical, ensure_close, scale};
 
 const TOLERANCE: f32 = 1e-4;
 
@@ -83,26 +84,10 @@ fn run(case: &str, policy: Policy) -> Result<Run> {
     Ok(Run { generated, steps })
 }
 
+/// Asserts max |actual − expected| ≤ `TOLERANCE` × max(1, max |expected|), printing the worst element.
 fn compare(label: &str, actual: &Tensor, expected: &Tensor) -> Result<()> {
     assert_eq!(actual.dims(), expected.dims(), "{label}: shape");
-    let actual: Vec<f32> = actual.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let expected: Vec<f32> = expected.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let scale = expected.iter().fold(1.0f32, |m, v| m.max(v.abs()));
-    let (worst_idx, worst) = actual
-        .iter()
-        .zip(&expected)
-        .map(|(a, e)| (a - e).abs())
-        .enumerate()
-        .fold((0, 0.0f32), |best, (idx, diff)| if diff > best.1 || diff.is_nan() { (idx, diff) } else { best });
-    let bound = TOLERANCE * scale;
-    println!("{label}: max diff {worst:.3e} (bound {bound:.3e})");
-    assert!(
-        worst <= bound,
-        "{label}: max |rust - diffusers| = {worst:e} > {bound:e} at element {worst_idx}: rust {} vs diffusers {}",
-        actual[worst_idx],
-        expected[worst_idx]
-    );
-    Ok(())
+    ensure_close(&format!("{label}: rust vs diffusers"), actual, expected, TOLERANCE * scale(expected)?).map(drop)
 }
 
 fn check(case: &str) -> Result<()> {
@@ -129,10 +114,11 @@ fn check(case: &str) -> Result<()> {
     let table = UnitTable::new(&cfg, hidream_config::DType::F32, Precompute::PerPrompt);
     let minimum = Plan::minimum_budget(table.specs(), 1);
     let streamed = run(case, Policy::Budget { budget_bytes: minimum, prefetch: 1 })?;
-    let bits = |t: &Tensor| -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
-    };
-    assert!(bits(&streamed.generated.latents)? == bits(&generated.latents)?, "{case}: streaming changed the latents");
+    ensure_bit_identical(
+        &format!("{case}: streamed vs resident latents"),
+        &streamed.generated.latents,
+        &generated.latents,
+    )?;
     Ok(())
 }
 

@@ -62,31 +62,24 @@ bfloat16 cases run the schedulers on bfloat16 samples and model outputs, as the 
 (its latents take the text embeddings' dtype).
 """
 
-import importlib.util
 import json
 import math
 import os
+import sys
 import tempfile
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import golden_util  # noqa: E402  (tests/golden/golden_util.py)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPE = [2, 4, 4, 4]
 IMAGE_MAX_SEQ = 128 * 128 // (2 * 2)
 
-
-def load(name):
-    root = importlib.util.find_spec("hdi1").submodule_search_locations[0]
-    spec = importlib.util.spec_from_file_location("hdi1_" + name, os.path.join(root, "schedulers", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-UniPC = load("fm_solvers_unipc").FlowUniPCMultistepScheduler
-Flash = load("flash_flow_match").FlashFlowMatchEulerDiscreteScheduler
+UniPC = golden_util.hdi1_scheduler_module("fm_solvers_unipc").FlowUniPCMultistepScheduler
+Flash = golden_util.hdi1_scheduler_module("flash_flow_match").FlashFlowMatchEulerDiscreteScheduler
 
 
 def calculate_shift(image_seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5, max_shift=1.15):
@@ -226,7 +219,7 @@ def run_case(name, cls, kwargs, n_steps, variant, dtype_name, seed, note):
         assert torch.isfinite(tensors["samples"][:-1].float()).all() and not torch.isfinite(samples[-1]).all()
     else:
         assert all(torch.isfinite(s.float()).all() for s in samples), name
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(HERE, name + ".safetensors"))
+    golden_util.save_tensors(tensors, os.path.join(HERE, name + ".safetensors"))
     return {
         "name": name,
         "note": note,
@@ -243,9 +236,7 @@ def run_case(name, cls, kwargs, n_steps, variant, dtype_name, seed, note):
 
 def main():
     cases = [run_case(*case) for case in CASES]
-    with open(os.path.join(HERE, "cases.json"), "w") as f:
-        json.dump(cases, f, indent=1)
-        f.write("\n")
+    golden_util.write_json(os.path.join(HERE, "cases.json"), cases, indent=1)
     total = sum(os.path.getsize(os.path.join(HERE, c["name"] + ".safetensors")) for c in cases)
     print(f"wrote {len(cases)} cases, {total / 1024:.0f} KiB of safetensors")
 

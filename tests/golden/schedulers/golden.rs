@@ -15,9 +15,10 @@
 //!   FlashFlowMatchEuler case);
 //! - bf16 samples (the dtype of the official pipeline's latents): see [`BF16_TOLERANCE`]
 //!   (measured: 0);
-//! - bit-exact, every step: FlowUniPC against `samples_exact_scalars`, the reference rerun with its
-//!   float32 `log`/`expm1`/`linalg.solve` correctly rounded (torch's MKL versions are within an ulp
-//!   or two, which is all of the difference above); FlashFlowMatchEuler against `samples` itself;
+//! - bit-exact (raw bits: NaN payloads and signed zeros included), every step: FlowUniPC against
+//!   `samples_exact_scalars`, the reference rerun with its float32 `log`/`expm1`/`linalg.solve`
+//!   correctly rounded (torch's MKL versions are within an ulp or two, which is all of the
+//!   difference above); FlashFlowMatchEuler against `samples` itself;
 //! - non-finite values (two reference configurations break down on their last step) must be
 //!   non-finite at the same elements, with the same value (±inf, NaN).
 //!
@@ -32,6 +33,7 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::Variant;
 use hidream_pipeline::sampling::{scheduler_config_for_variant, scheduler_for_variant};
 use hidream_schedulers::{PipelineShift, Scheduler, SchedulerConfig};
+use hidream_test_support::{ensure_bit_identical, ensure_close, max_abs_finite};
 use serde::Deserialize;
 
 const F32_TOLERANCE: f32 = 1e-6;
@@ -82,12 +84,10 @@ fn replay(case: &Case, mut scheduler: Scheduler, tensors: &HashMap<String, Tenso
     let name = case.name.as_str();
     let take = |key: &str| tensors.get(key).with_context(|| format!("{name}: no tensor {key}"));
     let schedule = scheduler.set_timesteps(case.n_steps)?;
-    let sigmas: Vec<f32> = take("sigmas")?.to_vec1()?;
-    let timesteps: Vec<f32> = take("timesteps")?.to_vec1()?;
-    assert_eq!(schedule.sigmas().len(), sigmas.len(), "{name}: sigmas");
-    assert_eq!(schedule.timesteps().len(), timesteps.len(), "{name}: timesteps");
-    assert_bit_exact(&format!("{name} sigmas"), schedule.sigmas(), &sigmas)?;
-    assert_bit_exact(&format!("{name} timesteps"), schedule.timesteps(), &timesteps)?;
+    let sigmas = Tensor::new(schedule.sigmas(), &Device::Cpu)?;
+    let timesteps = Tensor::new(schedule.timesteps(), &Device::Cpu)?;
+    ensure_bit_identical(&format!("{name} sigmas: rust vs hdi1"), &sigmas, take("sigmas")?)?;
+    ensure_bit_identical(&format!("{name} timesteps: rust vs hdi1"), &timesteps, take("timesteps")?)?;
 
     let (dtype, tolerance) = match case.dtype.as_str() {
         "f32" => (DType::F32, F32_TOLERANCE),
@@ -111,58 +111,19 @@ fn replay(case: &Case, mut scheduler: Scheduler, tensors: &HashMap<String, Tenso
         assert_eq!(sample.dtype(), dtype, "{name}: step {step_idx} dtype");
         let label = format!("{name} step {step_idx}");
         worst = worst.max(compare_tensor(&label, &sample, &expected.get(step_idx)?, tolerance)?);
-        let actual: Vec<f32> = sample.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        let exact: Vec<f32> = exact.get(step_idx)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-        assert_bit_exact(&format!("{label} (exact scalars)"), &actual, &exact)?;
+        ensure_bit_identical(&format!("{label} (exact scalars): rust vs hdi1"), &sample, &exact.get(step_idx)?)?;
     }
     println!("{name}: worst step difference {worst:.3e} (relative to max(1, max |expected|))");
     Ok(())
 }
 
-/// Asserts that `actual` and `expected` hold the same bits (NaNs of any payload are equal), naming
-/// the first difference.
-fn assert_bit_exact(label: &str, actual: &[f32], expected: &[f32]) -> Result<()> {
-    ensure!(actual.len() == expected.len(), "{label}: {} values, expected {}", actual.len(), expected.len());
-    let same = |a: &f32, e: &f32| a.to_bits() == e.to_bits() || (a.is_nan() && e.is_nan());
-    match actual.iter().zip(expected).position(|(a, e)| !same(a, e)) {
-        None => Ok(()),
-        Some(idx) => Err(anyhow!(
-            "{label}: not bit-exact at element {idx}: rust {:e} vs hdi1 {:e} (max diff {:e})",
-            actual[idx],
-            expected[idx],
-            actual.iter().zip(expected).map(|(a, e)| (a - e).abs()).fold(0.0f32, f32::max),
-        )),
-    }
-}
-
-/// Asserts `max |actual − expected| ≤ tolerance × max(1, max |expected|)` over the finite elements,
-/// and identical non-finite elements. Returns the worst difference divided by the scale.
+/// Asserts `max |actual − expected| ≤ tolerance × max(1, max |finite expected|)`, where a
+/// non-finite expected element must be matched by the same value (±inf, or NaN), and returns the
+/// worst difference divided by the scale.
 fn compare_tensor(label: &str, actual: &Tensor, expected: &Tensor, tolerance: f32) -> Result<f32> {
-    ensure!(actual.dims() == expected.dims(), "{label}: shape {:?} vs {:?}", actual.dims(), expected.dims());
-    let actual: Vec<f32> = actual.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let expected_values: Vec<f32> = expected.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    for (idx, (a, e)) in actual.iter().zip(&expected_values).enumerate() {
-        let same_non_finite = (a.is_nan() && e.is_nan()) || a == e;
-        ensure!(
-            a.is_finite() == e.is_finite() && (e.is_finite() || same_non_finite),
-            "{label}: element {idx}: rust {a} vs hdi1 {e}"
-        );
-    }
-    let scale = expected_values.iter().filter(|e| e.is_finite()).fold(1.0f32, |max, e| max.max(e.abs()));
-    let (worst_idx, worst) = actual
-        .iter()
-        .zip(&expected_values)
-        .map(|(a, e)| if e.is_finite() { (a - e).abs() } else { 0.0 })
-        .enumerate()
-        .fold((0, 0.0f32), |best, (idx, diff)| if diff > best.1 || diff.is_nan() { (idx, diff) } else { best });
-    ensure!(
-        worst <= tolerance * scale,
-        "{label}: max |rust - hdi1| = {worst:e} > {:e} at flat element {worst_idx}: rust {} vs hdi1 {}",
-        tolerance * scale,
-        actual[worst_idx],
-        expected_values[worst_idx],
-    );
-    Ok(worst / scale)
+    let scale = max_abs_finite(expected)?.max(1.0);
+    let worst = ensure_close(&format!("{label}: rust vs hdi1"), actual, expected, tolerance * scale)?;
+    Ok(worst.diff() / scale)
 }
 
 #[test]

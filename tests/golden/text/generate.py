@@ -76,9 +76,8 @@ diffusers/transformers behaviour these fixtures pin down
   (transformers' `capture_outputs(tie_last_hidden_states=True)`); the others are raw layer outputs.
 """
 
-import json
 import math
-import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -87,7 +86,6 @@ import tokenizers
 import torch
 import transformers
 from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
-from safetensors.torch import save_file
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     CLIPTextConfig,
@@ -100,6 +98,9 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import golden_util  # noqa: E402  (tests/golden/golden_util.py)
 
 ROOT = Path(__file__).resolve().parent
 MAX_SEQUENCE_LENGTH = 128
@@ -136,13 +137,6 @@ PROMPTS = [
     ),
     "",
 ]
-
-
-def clean(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def train_bpe(words: list[list[str]], n_merges: int) -> list[tuple[str, str]]:
@@ -293,12 +287,10 @@ def scramble(model: torch.nn.Module, seed: int) -> None:
 
 
 def main() -> None:
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.logging.set_verbosity_error()
+    golden_util.quiet()
     torch.manual_seed(0)
-    model_dir = clean(ROOT / "model")
-    llama_dir = clean(ROOT / "llama")
+    model_dir = golden_util.reset_dir(ROOT / "model")
+    llama_dir = golden_util.reset_dir(ROOT / "llama")
 
     clip_l_tok, clip_g_tok = make_clip_tokenizers()
     t5_tok = make_t5_tokenizer()
@@ -497,7 +489,7 @@ def main() -> None:
     ids_g = expected["clip_g.ids"]
     assert (ids_g.argmax(-1) != (ids_g == pipe.tokenizer_2.eos_token_id).int().argmax(-1)).all()
 
-    save_file({k: v.contiguous() for k, v in expected.items()}, ROOT / "expected.safetensors")
+    golden_util.save_tensors(expected, ROOT / "expected.safetensors")
     meta = {
         "prompts": PROMPTS,
         "max_sequence_length": n,
@@ -509,7 +501,7 @@ def main() -> None:
         },
         "shapes": {k: list(v.shape) for k, v in sorted(expected.items())},
     }
-    (ROOT / "expected.json").write_text(json.dumps(meta, indent=2) + "\n")
+    golden_util.write_json(ROOT / "expected.json", meta)
     for key in sorted(expected):
         value = expected[key]
         drift = ""

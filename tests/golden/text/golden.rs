@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, ensure};
 use candle_core::{DType, Device, Tensor};
+use hidream_test_support::{ensure_bit_identical, ensure_close, max_abs, scale};
 use hidream_text::TextError;
 use hidream_text::{
     ClipTextEncoder, LlamaLayer, LlamaStem, LlamaTextEncoder, T5TextEncoder, TextEncoderPaths, Tokens, encode_prompts,
@@ -85,30 +86,7 @@ fn check_tokens(golden: &Golden, key: &str, tokens: &Tokens, with_mask: bool) ->
 
 /// Compares embeddings within `TOLERANCE × max(1, max |expected|)` and prints the worst element.
 fn check_close(what: &str, actual: &Tensor, expected: &Tensor) -> Result<()> {
-    check_within(what, actual, expected, TOLERANCE * max_abs(expected)?.max(1.0))
-}
-
-fn max_abs(tensor: &Tensor) -> Result<f32> {
-    Ok(tensor.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-/// Compares embeddings within `bound` and prints the worst element.
-fn check_within(what: &str, actual: &Tensor, expected: &Tensor, bound: f32) -> Result<()> {
-    ensure!(actual.dims() == expected.dims(), "{what}: shape {:?}, expected {:?}", actual.dims(), expected.dims());
-    let actual = actual.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let expected = expected.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let (worst_idx, worst) = actual
-        .iter()
-        .zip(&expected)
-        .map(|(a, e)| if a.is_finite() { (a - e).abs() } else { f32::INFINITY })
-        .enumerate()
-        .fold((0, 0.0f32), |(best_idx, best), (idx, diff)| if diff > best { (idx, diff) } else { (best_idx, best) });
-    println!(
-        "{what}: max |diff| {worst:.3e} at flat index {worst_idx} (rust {}, diffusers {}), bound {bound:.1e}",
-        actual[worst_idx], expected[worst_idx]
-    );
-    ensure!(worst <= bound, "{what}: max |diff| {worst:.3e} > {bound:.1e} at flat index {worst_idx}");
-    Ok(())
+    ensure_close(&format!("{what}: rust vs diffusers"), actual, expected, TOLERANCE * scale(expected)?).map(drop)
 }
 
 fn check_clip(key: &str, encoder_dir: &Path, tokenizer_dir: &Path) -> Result<()> {
@@ -168,8 +146,7 @@ fn llama_layer_by_layer_equals_resident() -> Result<()> {
         stem.run_layer(&mut pass, &layer)?;
     }
     let streamed = stem.finish(pass)?;
-    let diff = (&streamed - &resident)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-    ensure!(diff == 0.0, "layer by layer differs from resident by {diff}");
+    ensure_bit_identical("layer by layer vs resident", &streamed, &resident)?;
 
     // Layers out of order, or too few, are errors rather than wrong embeddings.
     let mut pass = stem.begin(&golden.prompts())?;
@@ -220,8 +197,9 @@ fn bf16_drifts_no_more_than_diffusers() -> Result<()> {
     for (name, actual) in [("pooled", &embeds.pooled), ("t5", &embeds.t5), ("llama", &embeds.llama)] {
         let expected = golden.tensor(name)?;
         let drift = max_abs(&(golden.tensor(&format!("{name}_bf16"))? - expected)?)?;
-        let bound = (2.0 * drift).max(BF16_FLOOR * max_abs(expected)?.max(1.0));
-        check_within(&format!("{name} (bf16; diffusers' bf16 drift {drift:.3e})"), actual, expected, bound)?;
+        let bound = (2.0 * drift).max(BF16_FLOOR * scale(expected)?);
+        let label = format!("{name} (bf16; diffusers' bf16 drift {drift:.3e}): rust vs diffusers");
+        ensure_close(&label, actual, expected, bound)?;
     }
     Ok(())
 }
@@ -234,9 +212,6 @@ fn check_streamed(
     encode: impl Fn(hidream_memory::Policy) -> Result<hidream_text::streamed::StreamedEncode>,
 ) -> Result<()> {
     use hidream_memory::{Plan, Policy};
-    let bits = |t: &candle_core::Tensor| -> Result<Vec<u32>> {
-        Ok(t.flatten_all()?.to_vec1::<f32>()?.into_iter().map(f32::to_bits).collect())
-    };
     let minimum = Plan::minimum_budget(specs, 1);
     for policy in [
         Policy::All,
@@ -246,7 +221,7 @@ fn check_streamed(
         Policy::Budget { budget_bytes: minimum + specs[0].bytes, prefetch: 1 },
     ] {
         let streamed = encode(policy)?;
-        assert!(bits(&streamed.hidden_states)? == bits(resident)?, "{policy}: differs from the resident encoder");
+        ensure_bit_identical(&format!("{policy}: streamed vs resident"), &streamed.hidden_states, resident)?;
         if let Policy::Budget { budget_bytes, .. } = policy {
             assert!(streamed.peak_weight_bytes <= budget_bytes, "{policy}: over budget");
         }

@@ -119,17 +119,18 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import diffusers
 from diffusers import HiDreamImageTransformer2DModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import golden_util  # noqa: E402  (tests/golden/golden_util.py)
 
 HERE = Path(__file__).resolve().parent
 MODELS_DIR = HERE / "models"
@@ -233,35 +234,10 @@ CASES = [
 # Models
 
 
-def build_model(config, seed):
-    """Constructs the model from `seed` and re-randomises the parameters that start trivial."""
-    torch.manual_seed(seed)
-    model = HiDreamImageTransformer2DModel(**config)
-    with torch.no_grad():
-        for module in model.modules():
-            # RMSNorm weights (q/k norms) start as ones.
-            if isinstance(module, torch.nn.RMSNorm):
-                module.weight.copy_(1.0 + 0.1 * torch.randn_like(module.weight))
-        # With nn.Linear's default init the adaLN shift/scale/gate values are ~0.1, so each block
-        # only nudges the residual stream and block-level mistakes barely reach `sample`. Scaling
-        # the modulation linears by 4 gives ~0.4: every block (and its text-query path) matters.
-        for name, module in model.named_modules():
-            if name.endswith("adaLN_modulation"):
-                module[1].weight.mul_(ADALN_SCALE)
-                module[1].bias.mul_(ADALN_SCALE)
-    # Everything else (nn.Linear weights and biases, MoEGate weights) is random already; LayerNorms
-    # have no affine parameters. Make sure no tensor is constant.
-    for name, param in model.named_parameters():
-        assert param.numel() > 1 and param.detach().std() > 0, f"trivial parameter {name}"
-    return model.eval()
-
-
 def save_model(name):
     config, seed, bf16 = MODELS[name]
-    model = build_model(config, seed)
-    out = MODELS_DIR / name
-    if out.exists():
-        shutil.rmtree(out)
+    model = golden_util.build_hidream_transformer(config, seed, ADALN_SCALE)
+    out = golden_util.reset_dir(MODELS_DIR / name)
     if bf16:
         model = model.to(torch.bfloat16)
         model.save_pretrained(out, safe_serialization=True, max_shard_size="100MB")
@@ -373,16 +349,13 @@ class Recorder:
 
     def _gate(self, p, mod, args, out):
         x = args[0]
-        b, s, h = x.shape
+        b, s, _ = x.shape
         topk_idx, topk_weight, _ = out
         idx, order = topk_idx.sort(dim=-1)
         weight = topk_weight.gather(-1, order)
         self._keep(p + ".gate.idx", idx.view(b, s, -1))
         self._keep(p + ".gate.weight", weight.view(b, s, -1))
-        scores = torch.nn.functional.linear(x.reshape(-1, h), mod.weight).softmax(dim=-1)
-        top = scores.sort(dim=-1, descending=True).values
-        margin = (top[:, self.k - 1] - top[:, self.k]).min().item()
-        self.min_margin = min(self.min_margin, margin)
+        self.min_margin = min(self.min_margin, golden_util.gate_margin(mod, x, self.k))
 
     def finish(self):
         for h in self.handles:
@@ -402,16 +375,9 @@ def ablation_effects(model, case_inputs, expected):
     otherwise), as a port that failed to load it would, and return the largest change of `sample`
     over the model's cases. Every tensor must matter (e.g. every routed expert must be chosen by
     some token in some case)."""
-    effects = {}
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            saved = param.detach().clone()
-            param.fill_(1.0 if "rms_norm" in name else 0.0)
-            effects[name] = max(
-                (forward(model, inp) - exp).abs().max().item() for inp, exp in zip(case_inputs, expected)
-            )
-            param.copy_(saved)
-    return effects
+    return golden_util.ablation_effects(
+        model, lambda: max((forward(model, inp) - exp).abs().max().item() for inp, exp in zip(case_inputs, expected))
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,20 +406,15 @@ def generate():
         assert torch.isfinite(sample).all()
         # Determinism / hook-independence: a second forward without hooks gives the same bits.
         assert torch.equal(sample, forward(model, inputs)), name
-        out = CASES_DIR / name
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        (out / "case.json").write_text(
-            json.dumps({"model": model_name, "note": case["note"], "seed": case["seed"]}, indent=2) + "\n"
-        )
-        save_file(inputs, out / "inputs.safetensors")
+        out = golden_util.reset_dir(CASES_DIR / name)
+        golden_util.write_json(out / "case.json", {"model": model_name, "note": case["note"], "seed": case["seed"]})
+        golden_util.save_tensors(inputs, out / "inputs.safetensors")
         # diffusers' own bf16 run of the same case: how far bf16 compute drifts from f32 in the
         # reference itself. The Rust bf16 test is bounded relative to this drift.
         bf16_inputs = {k: (v if k == "timesteps" else v.to(torch.bfloat16)) for k, v in inputs.items()}
         sample_bf16 = forward(copy.deepcopy(model).to(torch.bfloat16), bf16_inputs)
-        save_file({"sample": sample, "sample_bf16": sample_bf16}, out / "expected.safetensors")
-        save_file(inter, out / "intermediates.safetensors")
+        golden_util.save_tensors({"sample": sample, "sample_bf16": sample_bf16}, out / "expected.safetensors")
+        golden_util.save_tensors(inter, out / "intermediates.safetensors")
         per_model[model_name][0].append(inputs)
         per_model[model_name][1].append(sample)
         # Precision headroom: the same case in float64 (same weights) must agree closely, i.e. no
@@ -556,7 +517,7 @@ def check_rust_synthetic(directory):
     for k in ("sample", "nonsquare.sample"):
         assert torch.isfinite(out[k]).all(), k
     target = directory / "diffusers_check.safetensors"
-    save_file(out, target)
+    golden_util.save_tensors(out, target)
     print(f"wrote {target}: sample {list(out['sample'].shape)} max|.| {out['sample'].abs().max():.4f}, "
           f"nonsquare.sample {list(out['nonsquare.sample'].shape)} "
           f"max|.| {out['nonsquare.sample'].abs().max():.4f}")
@@ -566,10 +527,7 @@ def main(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--check-rust-synth", metavar="DIR", help="check a Rust-written synthetic checkpoint")
     args = parser.parse_args(argv)
-    # diffusers warns on every `.to(dtype)` of a loaded model and draws progress bars; keep the
-    # output to the summary.
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+    golden_util.quiet()
     if args.check_rust_synth:
         check_rust_synthetic(args.check_rust_synth)
     else:

@@ -15,9 +15,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use hidream_config::SizeModel;
 use hidream_model::{HiDreamModel, TransformerInputs};
+use hidream_test_support::{ensure_close, max_abs, scale};
 use hidream_weights::Checkpoint;
 
 const F32_TOLERANCE: f32 = 1e-4;
@@ -57,11 +58,11 @@ fn check(case: &str, dtype: DType, tolerance: Tolerance) -> Result<()> {
     let mut expected = hidream_weights::read_tensors(&case_dir.join("expected.safetensors"), &device)?;
     let reference_bf16 = expected.remove("sample_bf16").ok_or_else(|| anyhow!("{case}: no sample_bf16"))?;
     let expected = expected.remove("sample").ok_or_else(|| anyhow!("{case}: no expected sample"))?;
-    let scale = max_abs(&expected)?.max(1.0);
+    let scale = scale(&expected)?;
     let bound = match tolerance {
         Tolerance::Relative(factor) => factor * scale,
         Tolerance::ReferenceBf16Drift { floor } => {
-            let drift = (&reference_bf16 - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let drift = max_abs(&(&reference_bf16 - &expected)?)?;
             (2.0 * drift).max(floor * scale)
         }
     };
@@ -69,32 +70,7 @@ fn check(case: &str, dtype: DType, tolerance: Tolerance) -> Result<()> {
     let mut model = HiDreamModel::new(&cfg, &checkpoint.var_builder(dtype, &device))?;
     let actual = model.forward(&inputs)?.to_dtype(DType::F32)?;
     assert_eq!(actual.dims(), expected.dims(), "{case}: output shape");
-    compare(&format!("{case} ({dtype:?})"), &actual, &expected, bound)
-}
-
-fn max_abs(tensor: &Tensor) -> Result<f32> {
-    Ok(tensor.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-/// Asserts `max |actual − expected| ≤ bound`, naming the worst element.
-fn compare(label: &str, actual: &Tensor, expected: &Tensor, bound: f32) -> Result<()> {
-    let actual: Vec<f32> = actual.flatten_all()?.to_vec1()?;
-    let expected_values: Vec<f32> = expected.flatten_all()?.to_vec1()?;
-    let (worst_idx, worst) = actual
-        .iter()
-        .zip(&expected_values)
-        .map(|(a, e)| (a - e).abs())
-        .enumerate()
-        .fold((0, 0.0f32), |best, (idx, diff)| if diff > best.1 || diff.is_nan() { (idx, diff) } else { best });
-    println!("{label}: max diff {worst:.3e} (bound {bound:.3e}) at element {worst_idx}");
-    assert!(
-        worst <= bound,
-        "{label}: max |rust - diffusers| = {worst:e} > {bound:e} at flat element {worst_idx} of {:?}: rust {} vs diffusers {}",
-        expected.dims(),
-        actual[worst_idx],
-        expected_values[worst_idx],
-    );
-    Ok(())
+    ensure_close(&format!("{case} ({dtype:?}): rust vs diffusers"), &actual, &expected, bound).map(drop)
 }
 
 #[test]
@@ -146,8 +122,8 @@ fn rust_synthetic_checkpoint_loads_in_diffusers() -> Result<()> {
         let inputs = TransformerInputs::from_tensors(&mut tensors, prefix)?;
         let expected = tensors.remove(&format!("{prefix}sample")).with_context(|| format!("no {prefix}sample"))?;
         let actual = model.forward(&inputs)?;
-        let bound = F32_TOLERANCE * max_abs(&expected)?.max(1.0);
-        compare(&format!("rust_synth {prefix}sample"), &actual, &expected, bound)?;
+        let bound = F32_TOLERANCE * scale(&expected)?;
+        ensure_close(&format!("rust_synth {prefix}sample: rust vs diffusers"), &actual, &expected, bound)?;
     }
     Ok(())
 }

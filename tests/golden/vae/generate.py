@@ -57,16 +57,18 @@ Numbers this script prints (the run that produced the committed files)
 """
 
 import json
-import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 import diffusers
 from diffusers import AutoencoderKL
 from diffusers.image_processor import VaeImageProcessor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import golden_util  # noqa: E402  (tests/golden/golden_util.py)
 
 HERE = Path(__file__).resolve().parent
 MODEL_DIR = HERE / "model"
@@ -167,10 +169,9 @@ def main() -> None:
     for name, param in vae.named_parameters():
         assert param.std() > 0 or param.numel() == 1, f"{name} is constant"
 
-    shutil.rmtree(MODEL_DIR, ignore_errors=True)
-    shutil.rmtree(CASES_DIR, ignore_errors=True)
+    golden_util.reset_dir(MODEL_DIR)
+    golden_util.reset_dir(CASES_DIR)
     vae.to(torch.bfloat16).save_pretrained(MODEL_DIR, safe_serialization=True)
-    CASES_DIR.mkdir(parents=True)
     # Compute in f32 on the bf16-rounded weights, as a port that loads the file into f32 does.
     vae = AutoencoderKL.from_pretrained(MODEL_DIR, torch_dtype=torch.float32).eval()
     vae_bf16 = AutoencoderKL.from_pretrained(MODEL_DIR, torch_dtype=torch.bfloat16).eval()
@@ -194,7 +195,7 @@ def main() -> None:
             f"sliced vs batched max diff {(sliced - image).abs().max().item():.3e}, "
             f"bf16 vs f32 max diff {(image_bf16 - image).abs().max().item():.4f}"
         )
-        save_file(
+        golden_util.save_tensors(
             {"latents": latents, "image": image, "image_tiled": tiled, "image_bf16": image_bf16, "pil": pil},
             CASES_DIR / f"{case['name']}.safetensors",
         )
@@ -204,7 +205,7 @@ def main() -> None:
     away = torch.floor((image * 0.5 + 0.5).clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1)
     print(f"postprocess: {n_ties} exact .5 ties; half-away-from-zero would differ on {(away != pil).sum().item()} values")
     assert (away != pil).any(), "no tie that rounds differently"
-    save_file({"image": image.contiguous(), "pil": pil}, CASES_DIR / "postprocess.safetensors")
+    golden_util.save_tensors({"image": image, "pil": pil}, CASES_DIR / "postprocess.safetensors")
 
     config = json.loads((MODEL_DIR / "config.json").read_text())
     print(f"model: {sum(p.numel() for p in vae.decoder.parameters())} decoder parameters, config {config['_class_name']}")

@@ -31,6 +31,7 @@ use anyhow::{Context, Result, ensure};
 use candle_core::{DType, Device, Tensor};
 use hidream_pipeline::PipelineError;
 use hidream_pipeline::vae::{DecodeOptions, Tiling, VaeDecoder, postprocess};
+use hidream_test_support::{compare, ensure_bit_identical, ensure_close, max_abs, scale};
 
 const F32_TOLERANCE: f32 = 1e-4;
 /// diffusers' tiling in `generate.py`: latent tiles of 4, overlap 0.25 (tiles every 3, 8 blended
@@ -76,7 +77,7 @@ fn check(case: &str, dtype: DType, options: DecodeOptions, expected: &str, toler
     let device = device_for(dtype)?;
     let latents = tensor(&tensors, "latents")?.to_dtype(dtype)?.to_device(&device)?;
     let expected_images = tensor(&tensors, expected)?;
-    let scale = max_abs(expected_images)?.max(1.0);
+    let scale = scale(expected_images)?;
     let bound = match tolerance {
         Tolerance::Relative(factor) => factor * scale,
         Tolerance::ReferenceBf16Drift { floor } => {
@@ -91,52 +92,8 @@ fn check(case: &str, dtype: DType, options: DecodeOptions, expected: &str, toler
         images.dims(),
         expected_images.dims()
     );
-    let worst = compare(&images, expected_images)?;
-    println!("{case} {expected} ({dtype:?}): max diff {:.3e} (bound {bound:.3e}) at {}", worst.diff, worst.describe());
-    ensure!(
-        worst.diff <= bound,
-        "{case} {expected} ({dtype:?}): max |rust - diffusers| {} > {bound:e} at {}",
-        worst.diff,
-        worst.describe()
-    );
+    ensure_close(&format!("{case} {expected} ({dtype:?}): rust vs diffusers"), &images, expected_images, bound)?;
     Ok(images)
-}
-
-fn max_abs(tensor: &Tensor) -> Result<f32> {
-    Ok(tensor.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-}
-
-/// The largest difference between two f32 tensors of one shape, and where.
-struct Worst {
-    diff: f32,
-    idx: usize,
-    actual: f32,
-    expected: f32,
-    dims: Vec<usize>,
-}
-
-impl Worst {
-    fn describe(&self) -> String {
-        let mut rest = self.idx;
-        let mut position = vec![0; self.dims.len()];
-        for (axis, &len) in self.dims.iter().enumerate().rev() {
-            position[axis] = rest % len;
-            rest /= len;
-        }
-        format!("{position:?} of {:?}: rust {} vs diffusers {}", self.dims, self.actual, self.expected)
-    }
-}
-
-fn compare(actual: &Tensor, expected: &Tensor) -> Result<Worst> {
-    let actual_values: Vec<f32> = actual.flatten_all()?.to_vec1()?;
-    let expected_values: Vec<f32> = expected.flatten_all()?.to_vec1()?;
-    let (idx, diff) = actual_values
-        .iter()
-        .zip(&expected_values)
-        .map(|(a, e)| (a - e).abs())
-        .enumerate()
-        .fold((0, 0.0f32), |best, (idx, diff)| if diff > best.1 || diff.is_nan() { (idx, diff) } else { best });
-    Ok(Worst { diff, idx, actual: actual_values[idx], expected: expected_values[idx], dims: expected.dims().to_vec() })
 }
 
 const F32: Tolerance = Tolerance::Relative(F32_TOLERANCE);
@@ -186,9 +143,8 @@ fn tiled_differs_from_untiled_by_the_measured_amount() -> Result<()> {
     for (case, max_measured, mean_measured) in [("square", 2.2151f32, 0.2171f32), ("nonsquare", 1.6600, 0.1990)] {
         let untiled = check(case, DType::F32, DecodeOptions::default(), "image", F32)?;
         let tiled = check(case, DType::F32, TILED, "image_tiled", F32)?;
-        let diff = (&tiled - &untiled)?.abs()?;
-        let max = diff.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let mean = diff.mean_all()?.to_scalar::<f32>()?;
+        let max = compare(&tiled, &untiled)?.diff();
+        let mean = (&tiled - &untiled)?.abs()?.mean_all()?.to_scalar::<f32>()?;
         println!("{case}: tiled vs untiled max {max:.4}, mean {mean:.4}");
         ensure!((max - max_measured).abs() < 1e-3, "{case}: tiled vs untiled max {max}, diffusers {max_measured}");
         ensure!((mean - mean_measured).abs() < 1e-3, "{case}: tiled vs untiled mean {mean}, diffusers {mean_measured}");
@@ -206,13 +162,7 @@ fn slicing_is_bit_identical_to_batched() -> Result<()> {
     for tiling in [None, TILED.tiling] {
         let batched = vae.decode(latents, &DecodeOptions { tiling, slicing: false })?;
         let sliced = vae.decode(latents, &DecodeOptions { tiling, slicing: true })?;
-        let worst = compare(&sliced, &batched)?;
-        ensure!(
-            worst.diff == 0.0,
-            "tiling {tiling:?}: sliced differs from batched by {} at {}",
-            worst.diff,
-            worst.describe()
-        );
+        ensure_bit_identical(&format!("tiling {tiling:?}: sliced vs batched"), &sliced, &batched)?;
     }
     Ok(())
 }
@@ -226,8 +176,7 @@ fn latent_of_one_tile_is_not_tiled() -> Result<()> {
     let latents = tensor(&tensors, "latents")?.narrow(2, 0, 4)?.narrow(3, 0, 4)?;
     let whole = vae.decode(&latents, &DecodeOptions::default())?;
     let tiled = vae.decode(&latents, &TILED)?;
-    let worst = compare(&tiled, &whole)?;
-    ensure!(worst.diff == 0.0, "a one-tile latent was tiled: differs by {} at {}", worst.diff, worst.describe());
+    ensure_bit_identical("a one-tile latent, tiled vs whole", &tiled, &whole)?;
     Ok(())
 }
 

@@ -129,6 +129,48 @@ pub struct Measured {
     /// Absent on the reference run; `null` (a NaN) counts as a difference.
     #[serde(default)]
     pub max_abs_diff: Option<f64>,
+    /// Whether the output has the reference's bits, every element (absent on the reference run,
+    /// and in reports of a `hidream` that predates it). `max_abs_diff == 0` alone does not prove
+    /// it: `-0` against `+0`, or NaN payloads, differ in bits but not in value.
+    #[serde(default)]
+    pub bit_identical: Option<bool>,
+}
+
+impl Measured {
+    /// Whether the run reproduced the reference bit for bit, as the CLI measured it.
+    pub fn is_bit_identical(&self) -> bool {
+        self.bit_identical == Some(true) && self.max_abs_diff == Some(0.0)
+    }
+
+    /// How the output compares with the reference, as the table and the error show it.
+    pub fn difference(&self) -> String {
+        match (self.bit_identical, self.max_abs_diff) {
+            _ if self.is_bit_identical() => "0 (identical)".to_owned(),
+            (None, _) => "missing".to_owned(),
+            (Some(_), None) => "NaN".to_owned(),
+            (Some(_), Some(0.0)) => "0 (bits differ)".to_owned(),
+            (Some(_), Some(diff)) => format!("{diff:.3e}"),
+        }
+    }
+}
+
+/// One line for each run (the reference aside) whose output is not the reference's bit for bit.
+pub fn differences_from_reference(results: &[RunResult]) -> Vec<String> {
+    results
+        .iter()
+        .filter(|result| result.spec != RunSpec::REFERENCE)
+        .filter_map(|result| {
+            let measured = result.outcome.measured()?;
+            (!measured.is_bit_identical()).then(|| {
+                format!(
+                    "{}: max |out − reference| = {:?}, bit_identical = {:?}",
+                    result.spec.name(),
+                    measured.max_abs_diff,
+                    measured.bit_identical
+                )
+            })
+        })
+        .collect()
 }
 
 /// What a run came to.
@@ -241,7 +283,11 @@ pub mod tests {
             Residency::Stream { prefetch } => (prefetch, None),
             Residency::Budget { percent, prefetch } => (prefetch, Some(u64::from(percent) * 10_000)),
         };
-        let diff = if *spec == RunSpec::REFERENCE { String::new() } else { r#", "max_abs_diff": 0.0"#.to_owned() };
+        let diff = if *spec == RunSpec::REFERENCE {
+            String::new()
+        } else {
+            r#", "max_abs_diff": 0.0, "bit_identical": true"#.to_owned()
+        };
         format!(
             r#"{{"policy": "{}", "prefetch": {prefetch}, "precompute": {}, "budget_bytes": {},
                "weight_bytes_total": 1000000, "resident_bytes": {}, "streamed_bytes_per_forward": {},
@@ -295,7 +341,48 @@ pub mod tests {
         let (outcome, _) = parse_outcome(&spec, 1, true, Some(&ran_report(&spec, 900, 250_000, 1.5))).unwrap();
         let measured = outcome.measured().unwrap();
         assert_eq!((measured.peak_device_bytes, measured.peak_weight_bytes), (900, 250_000));
-        assert_eq!(measured.max_abs_diff, Some(0.0));
+        assert_eq!((measured.max_abs_diff, measured.bit_identical), (Some(0.0), Some(true)));
+        assert!(measured.is_bit_identical());
+    }
+
+    /// A run differs from the reference unless the CLI says its bits are identical: a zero
+    /// difference is not enough (signed zeros, NaN payloads), nor is a report without the field.
+    #[test]
+    fn only_bit_identical_runs_match_the_reference() {
+        let spec = budget_spec(30);
+        let identical = ran_report(&spec, 900, 250_000, 1.5);
+        let differing = identical.replace(r#""bit_identical": true"#, r#""bit_identical": false"#);
+        let with_diff = |diff: &str| differing.replace(r#""max_abs_diff": 0.0"#, &format!(r#""max_abs_diff": {diff}"#));
+        let cases = [
+            (identical.clone(), None),
+            (differing.clone(), Some("0 (bits differ)")),
+            (identical.replace(r#", "bit_identical": true"#, ""), Some("missing")),
+            (with_diff("null"), Some("NaN")),
+            (with_diff("2.5e-7"), Some("2.500e-7")),
+        ];
+        for (report, expected) in cases {
+            let (outcome, report_value) = parse_outcome(&spec, 1, true, Some(&report)).unwrap();
+            let reference = ran_report(&RunSpec::REFERENCE, 900, 250_000, 1.5);
+            let (reference_outcome, reference_value) =
+                parse_outcome(&RunSpec::REFERENCE, 1, true, Some(&reference)).unwrap();
+            let results = [
+                RunResult { spec: RunSpec::REFERENCE, outcome: reference_outcome, report: reference_value },
+                RunResult { spec, outcome, report: report_value },
+            ];
+            let differences = differences_from_reference(&results);
+            let measured = results[1].outcome.measured().unwrap();
+            match expected {
+                None => {
+                    assert!(differences.is_empty(), "{differences:?}");
+                    assert_eq!(measured.difference(), "0 (identical)");
+                }
+                Some(label) => {
+                    assert_eq!(differences.len(), 1, "{report}");
+                    assert!(differences[0].starts_with("budget-30%-no-precompute: "), "{differences:?}");
+                    assert_eq!(measured.difference(), label);
+                }
+            }
+        }
     }
 
     #[test]

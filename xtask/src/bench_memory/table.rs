@@ -76,12 +76,8 @@ fn row(result: &RunResult, results: &[RunResult]) -> [String; HEADER.len()] {
     match &result.outcome {
         Outcome::Ran(measured) => {
             let steps = measured.steps.max(1) as f64;
-            let max_diff = match measured.max_abs_diff {
-                _ if *spec == super::runs::RunSpec::REFERENCE => "reference".to_owned(),
-                Some(0.0) => "0 (identical)".to_owned(),
-                Some(diff) => format!("{diff:.3e}"),
-                None => "missing".to_owned(),
-            };
+            let max_diff =
+                if *spec == super::runs::RunSpec::REFERENCE { "reference".to_owned() } else { measured.difference() };
             [
                 spec.name(),
                 spec.policy_label(),

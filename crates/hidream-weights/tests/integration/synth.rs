@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{DType as StorageDType, Init, SizeModel, TransformerConfig, Unit};
+use hidream_test_support::bits;
 use hidream_weights::{Checkpoint, InputSpec, SynthOptions, WeightsError};
 
 use super::util::{load_all, read_dir_bytes, tiny_checkpoint, values, write_files};
@@ -16,8 +17,11 @@ fn sharded_tiny_checkpoint_opens_and_validates() {
     let summary = tiny_checkpoint(dir.path(), "tiny", SMALL_SHARDS);
     let sizes = SizeModel::new(&TransformerConfig::tiny());
     assert!(summary.shards.len() > 2, "{summary:?}");
-    assert_eq!(summary.n_tensors, sizes.all_tensors().count());
-    assert_eq!(summary.total_bytes, sizes.total_bytes(StorageDType::BF16));
+    // The summary's figures against what the files hold: the data sections of the shards (each
+    // file less its 8-byte length and its header), and the tensors their headers name.
+    let data_bytes: u64 = summary.shards.iter().map(|shard| data_section_bytes(shard)).sum();
+    assert_eq!(data_bytes, summary.total_bytes);
+    assert_eq!(data_bytes, sizes.total_bytes(StorageDType::BF16));
 
     let index: serde_json::Value = serde_json::from_slice(
         &std::fs::read(summary.dir.join("diffusion_pytorch_model.safetensors.index.json")).unwrap(),
@@ -37,6 +41,8 @@ fn sharded_tiny_checkpoint_opens_and_validates() {
     let checkpoint = Checkpoint::open(&summary.dir).unwrap();
     assert_eq!(checkpoint.dir(), summary.dir);
     assert_eq!(checkpoint.files().count(), summary.shards.len());
+    assert_eq!(checkpoint.tensor_names().count(), summary.n_tensors);
+    assert_eq!(checkpoint.tensor_names().count(), sizes.all_tensors().count());
     assert_eq!(checkpoint.config().unwrap(), TransformerConfig::tiny());
     checkpoint.validate(&sizes).unwrap();
     let tensors = load_all(&checkpoint);
@@ -58,6 +64,13 @@ fn sharded_tiny_checkpoint_opens_and_validates() {
         assert_eq!(names, expected, "{unit}");
         assert!(loaded.values().all(|t| t.dtype() == DType::F16));
     }
+}
+
+/// The bytes after a safetensors file's header: its length, less 8 and the declared header size.
+fn data_section_bytes(file: &std::path::Path) -> u64 {
+    let bytes = std::fs::read(file).unwrap();
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+    bytes.len() as u64 - 8 - header_len
 }
 
 fn index_has_one_tensor(index: &serde_json::Value, shard: &std::path::Path) -> bool {
@@ -90,8 +103,9 @@ fn values_are_deterministic_and_independent_of_the_shard_layout() {
 
     let load = |summary: &hidream_weights::SynthSummary| load_all(&Checkpoint::open(&summary.dir).unwrap());
     let (first, other_seed, one_shard) = (load(&first), load(&other_seed), load(&one_shard));
-    let same =
-        |a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, name: &str| values(&a[name]) == values(&b[name]);
+    let same = |a: &HashMap<String, Tensor>, b: &HashMap<String, Tensor>, name: &str| {
+        bits(&a[name]).unwrap() == bits(&b[name]).unwrap()
+    };
     for name in first.keys() {
         assert!(same(&first, &one_shard, name), "{name} depends on the shard layout");
         let is_ones = name.contains("rms_norm");
@@ -135,7 +149,8 @@ fn round_to(value: f32, dtype: StorageDType) -> f32 {
     }
 }
 
-/// bf16 widens to f32 exactly: the loaded f32 values are the stored bits, shifted.
+/// bf16 widens to f32 exactly: the loaded f32 values are the stored bits, shifted; loaded as
+/// bf16, they are the stored bits.
 #[test]
 fn bf16_storage_loads_into_f32_exactly() {
     let dir = tempfile::tempdir().unwrap();
@@ -145,19 +160,15 @@ fn bf16_storage_loads_into_f32_exactly() {
     let info = checkpoint.tensor_info(name).unwrap();
     let file_bytes = std::fs::read(&info.file).unwrap();
     let file = safetensors::SafeTensors::deserialize(&file_bytes).unwrap();
-    let stored: Vec<f32> = file
-        .tensor(name)
-        .unwrap()
-        .data()
-        .chunks_exact(2)
-        .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-        .collect();
-    let loaded = values(&checkpoint.load(name, DType::F32, &Device::Cpu).unwrap());
+    let stored: Vec<u16> =
+        file.tensor(name).unwrap().data().chunks_exact(2).map(|b| u16::from_le_bytes([b[0], b[1]])).collect();
+    let loaded = bits(&checkpoint.load(name, DType::F32, &Device::Cpu).unwrap()).unwrap();
     assert_eq!(loaded.len(), info.shape.iter().product::<usize>());
-    assert!(stored.iter().zip(&loaded).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert_eq!(stored.len(), loaded.len());
+    assert!(stored.iter().zip(&loaded).all(|(s, l)| u64::from(*s) << 16 == *l));
     let as_bf16 = checkpoint.load(name, DType::BF16, &Device::Cpu).unwrap();
     assert_eq!(as_bf16.dtype(), DType::BF16);
-    assert_eq!(values(&as_bf16), loaded);
+    assert!(stored.iter().map(|s| u64::from(*s)).eq(bits(&as_bf16).unwrap()));
 }
 
 #[test]
@@ -206,8 +217,8 @@ fn synthetic_inputs_have_diffusers_shapes() {
     let again = hidream_weights::synthetic_inputs(&config, &spec).unwrap();
     let other = hidream_weights::synthetic_inputs(&config, &InputSpec { seed: 4, ..spec }).unwrap();
     for name in expected.keys() {
-        assert_eq!(values(&inputs[*name]), values(&again[*name]), "{name}");
-        assert_ne!(values(&inputs[*name]), values(&other[*name]), "{name}");
+        assert_eq!(bits(&inputs[*name]).unwrap(), bits(&again[*name]).unwrap(), "{name}");
+        assert_ne!(bits(&inputs[*name]).unwrap(), bits(&other[*name]).unwrap(), "{name}");
     }
 
     for (bad, what) in [(InputSpec { batch: 0, ..spec }, "batch"), (InputSpec { width: 7, ..spec }, "width")] {
@@ -232,7 +243,7 @@ fn tensor_files_round_trip_exactly() {
     assert_eq!(read.len(), tensors.len());
     for (name, tensor) in &tensors {
         assert_eq!((read[name].dtype(), read[name].dims()), (tensor.dtype(), tensor.dims()), "{name}");
-        assert_eq!(values(&read[name]), values(tensor), "{name}");
+        assert_eq!(bits(&read[name]).unwrap(), bits(tensor).unwrap(), "{name}");
     }
     // Integer tensors (token ids, pixels) round-trip as stored; weights stay floats only.
     let ids = HashMap::from([
