@@ -283,6 +283,20 @@ pub struct StepInputs<'a> {
     pub modulation: Modulation<'a>,
 }
 
+impl<'a> StepInputs<'a> {
+    /// The inputs of diffusers' forward, with the caption projections already applied to its text
+    /// and the modulation computed inside the blocks.
+    pub fn per_step(inputs: &'a TransformerInputs, text: &'a TextTokens) -> Self {
+        StepInputs {
+            hidden_states: &inputs.hidden_states,
+            timesteps: &inputs.timesteps,
+            pooled_embeds: &inputs.pooled_embeds,
+            text,
+            modulation: Modulation::FromBlocks,
+        }
+    }
+}
+
 /// The transformer without its caption projections and blocks: those come from the caller, so that
 /// they can be computed once per prompt and streamed.
 #[derive(Debug, Clone)]
@@ -437,13 +451,6 @@ impl HiDreamModel {
             &inputs.encoder_hidden_states_llama3,
             dtype,
         )?;
-        let step = StepInputs {
-            hidden_states: &inputs.hidden_states,
-            timesteps: &inputs.timesteps,
-            pooled_embeds: &inputs.pooled_embeds,
-            text: &text,
-            modulation: Modulation::FromBlocks,
-        };
-        self.transformer.forward(&step, &mut self.blocks)
+        self.transformer.forward(&StepInputs::per_step(inputs, &text), &mut self.blocks)
     }
 }

@@ -194,14 +194,7 @@ impl TransformerRunner {
             projected.push(projection.forward(&input, dtype)?);
         }
         let text = TextTokens::from_projections(projected)?;
-        let step = StepInputs {
-            hidden_states: &inputs.hidden_states,
-            timesteps: &inputs.timesteps,
-            pooled_embeds: &inputs.pooled_embeds,
-            text: &text,
-            modulation: Modulation::FromBlocks,
-        };
-        let result = self.transformer.forward(&step, &mut units);
+        let result = self.transformer.forward(&StepInputs::per_step(inputs, &text), &mut units);
         finish(result, units.error)
     }
 
