@@ -48,6 +48,9 @@ const DIRECT_RULES: &[(&str, &[&str], &str)] = &[
 /// `(dependency, the one workspace crate that may depend on it directly)`.
 const OWNED: &[(&str, &str)] = &[("tokenizers", "hidream-text"), ("hf-hub", "hidream-text")];
 
+/// Workspace crates that other crates may use only as dev-dependencies.
+const DEV_ONLY: &[&str] = &["hidream-test-support"];
+
 pub fn check() -> Result<()> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut violations = Vec::new();
@@ -77,6 +80,11 @@ pub fn check() -> Result<()> {
                 violations.push(format!("{member} depends directly on {dep} (only {owner} may)"));
             }
         }
+        for dep in DEV_ONLY {
+            if direct.iter().any(|name| name == dep) {
+                violations.push(format!("{member} depends on {dep} outside its dev-dependencies (tests only)"));
+            }
+        }
     }
     // hidream-model must not map files itself. candle-core uses memmap2 for its own safetensors
     // loader, so the rule is: memmap2's only dependent in hidream-model's tree is candle-core.
@@ -103,11 +111,12 @@ pub fn check() -> Result<()> {
         bail!("layering violated:\n  {}", violations.join("\n  "));
     }
     println!(
-        "layering ok: {} rules, {} direct-dependency rules, {} owned dependencies over {} crates, and \
-         hidream-model reaches memmap2 only through candle-core",
+        "layering ok: {} rules, {} direct-dependency rules, {} owned dependencies and {} dev-only crates \
+         over {} crates, and hidream-model reaches memmap2 only through candle-core",
         RULES.len(),
         DIRECT_RULES.len(),
         OWNED.len(),
+        DEV_ONLY.len(),
         members.len()
     );
     Ok(())
