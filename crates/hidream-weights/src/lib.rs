@@ -34,6 +34,7 @@
 
 mod atomic;
 mod checkpoint;
+mod convert;
 mod error;
 mod header;
 mod inputs;
@@ -45,6 +46,7 @@ mod var_builder;
 
 pub use atomic::{check_writable, write_atomic};
 pub use checkpoint::{Checkpoint, TensorInfo};
+pub use convert::ReadDType;
 pub use error::{Result, WeightsError};
 #[cfg(feature = "synth")]
 pub use inputs::{InputSpec, synthetic_inputs};
