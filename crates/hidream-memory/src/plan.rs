@@ -146,7 +146,8 @@ impl Plan {
             return Ok(widest);
         };
         let room = budget_bytes.saturating_sub(widest.resident_bytes);
-        let fitting_slots = if widest.slot_bytes == 0 { usize::MAX } else { (room / widest.slot_bytes) as usize };
+        let fitting_slots =
+            room.checked_div(widest.slot_bytes).map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
         if widest.resident_bytes > budget_bytes || (widest.n_slots > 0 && fitting_slots == 0) {
             let minimum = widest.resident_bytes.saturating_add(widest.slot_bytes);
             return Err(MemoryError::BudgetTooSmall {

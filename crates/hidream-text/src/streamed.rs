@@ -49,7 +49,7 @@ pub struct StreamedEncode {
 
 /// The bytes of each layer in the compute dtype, from the checkpoint's tensor shapes.
 pub fn layer_specs<S: LayerStack>(stack: &S) -> Result<Vec<UnitSpec>> {
-    LayerLoader::new(stack).map(|(_, specs)| specs)
+    LayerLoader::layout(stack).map(|(_, specs)| specs)
 }
 
 /// Runs every layer of `stack` in order through `run`, placed by `policy`: resident or streamed
@@ -59,7 +59,7 @@ pub fn run_layers<S: LayerStack>(
     policy: Policy,
     mut run: impl FnMut(&S::Layer) -> Result<()>,
 ) -> Result<(Plan, u64, PrefetchStats)> {
-    let (names, specs) = LayerLoader::new(&**stack)?;
+    let (names, specs) = LayerLoader::layout(&**stack)?;
     let plan = policy.plan(&specs)?;
     let ledger = Arc::new(BudgetLedger::new(policy.budget_bytes()));
     let loader = Arc::new(LayerLoader { stack: Arc::clone(stack), names });
@@ -172,7 +172,7 @@ struct LayerLoader<S> {
 
 impl<S: LayerStack> LayerLoader<S> {
     /// Each layer's keys and its bytes in the compute dtype.
-    fn new(stack: &S) -> Result<(Vec<Vec<String>>, Vec<UnitSpec>)> {
+    fn layout(stack: &S) -> Result<(Vec<Vec<String>>, Vec<UnitSpec>)> {
         let checkpoint = stack.checkpoint();
         let element_bytes = stack.dtype().size_in_bytes();
         let mut names = Vec::with_capacity(stack.n_layers());

@@ -54,14 +54,6 @@ struct Location {
     entry: Entry,
 }
 
-/// A float tensor's bytes as stored in the mapped file.
-pub(crate) struct StoredTensor<'a> {
-    pub(crate) bytes: &'a [u8],
-    pub(crate) dtype: DType,
-    pub(crate) shape: &'a [usize],
-    pub(crate) file: &'a Path,
-}
-
 /// What the header says about one tensor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {
@@ -334,21 +326,6 @@ impl Checkpoint {
             expected: expected.to_vec(),
             actual: location.entry.shape.clone(),
         })
-    }
-
-    /// The stored little-endian bytes of a float tensor, its stored dtype, shape and file.
-    pub(crate) fn stored(&self, name: &str) -> Result<StoredTensor<'_>> {
-        let location = self.locate(name)?;
-        let shard = &self.inner.files[location.shard];
-        let entry = &location.entry;
-        let dtype = stored_dtype(&shard.path, name, entry.dtype)?;
-        // The header check guarantees the range; `get` keeps even a broken invariant from panicking.
-        let bytes = shard.map.bytes().get(entry.range.clone()).ok_or_else(|| WeightsError::Candle {
-            file: shard.path.clone(),
-            tensor: name.to_owned(),
-            source: Box::new(candle_core::Error::Msg(format!("byte range {:?} is outside the file", entry.range))),
-        })?;
-        Ok(StoredTensor { bytes, dtype, shape: &entry.shape, file: &shard.path })
     }
 
     /// Builds a CPU tensor from the stored little-endian bytes (copying them, which also takes

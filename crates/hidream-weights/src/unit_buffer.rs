@@ -6,18 +6,19 @@
 //! tensor, and returns the unit's weights as views (`narrow` + `reshape`) into the buffer. So a
 //! streamed load allocates nothing and touches no fresh page after the first pass.
 //!
-//! The conversions are candle's own (`Tensor::to_dtype` on the CPU), element for element, so the
-//! weights are bit-identical to [`Checkpoint::load`]'s.
+//! The conversions are [`Checkpoint::read_into`]'s, candle's own `to_dtype` element for element,
+//! so the weights are bit-identical to [`Checkpoint::load`]'s.
 //!
 //! Overwriting a buffer while views of an earlier unit are still in use would change that unit's
 //! weights under it; the residency runtime's consumed fence is what rules that out.
 
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
-use half::{bf16, f16};
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
-use crate::checkpoint::StoredTensor;
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+
 use crate::{Checkpoint, Result, WeightsError};
 
 /// A reusable flat buffer of one dtype on one device, that units are loaded into.
@@ -77,17 +78,20 @@ impl Checkpoint {
         let mut tensors = HashMap::with_capacity(names.len());
         let mut offset = 0usize;
         for &name in names {
-            let stored = self.stored(name)?;
-            let elements: usize = stored.shape.iter().product();
+            let info = self.tensor_info(name).ok_or_else(|| WeightsError::MissingTensor {
+                file: self.files().next().map(Path::to_owned).unwrap_or_default(),
+                tensor: name.to_owned(),
+            })?;
+            let elements: usize = info.shape.iter().product();
             let candle_error = |source| WeightsError::Candle {
-                file: stored.file.to_owned(),
+                file: info.file.clone(),
                 tensor: name.to_owned(),
                 source: Box::new(source),
             };
             let tensor = if buffer.device().is_cpu() {
                 if offset + elements > buffer.flat.elem_count() {
                     return Err(WeightsError::BufferTooSmall {
-                        file: stored.file.to_owned(),
+                        file: info.file.clone(),
                         tensor: name.to_owned(),
                         offset: offset as u64 * element_bytes,
                         needed: elements as u64 * element_bytes,
@@ -95,8 +99,12 @@ impl Checkpoint {
                     });
                 }
                 let view = buffer.flat.narrow(0, offset, elements).map_err(candle_error)?;
-                view.inplace_op1(&Fill { stored: &stored }).map_err(candle_error)?;
-                view.reshape(stored.shape).map_err(candle_error)?
+                let fill = Fill { checkpoint: self, name, error: Mutex::new(None) };
+                if let Err(source) = view.inplace_op1(&fill) {
+                    let kept = fill.error.into_inner().unwrap_or_else(PoisonError::into_inner);
+                    return Err(kept.unwrap_or_else(|| candle_error(source)));
+                }
+                view.reshape(info.shape.as_slice()).map_err(candle_error)?
             } else {
                 self.load(name, dtype, buffer.device())?
             };
@@ -107,9 +115,12 @@ impl Checkpoint {
     }
 }
 
-/// Writes one stored tensor into the range of a CPU buffer that the layout selects.
+/// Writes one stored tensor into the range of a CPU buffer that the layout selects, through
+/// [`Checkpoint::read_into`]; its typed error is kept aside, since the op can only return candle's.
 struct Fill<'a> {
-    stored: &'a StoredTensor<'a>,
+    checkpoint: &'a Checkpoint,
+    name: &'a str,
+    error: Mutex<Option<WeightsError>>,
 }
 
 impl InplaceOp1 for Fill<'_> {
@@ -121,67 +132,22 @@ impl InplaceOp1 for Fill<'_> {
         let start = layout.start_offset();
         let range = start..start + layout.shape().elem_count();
         let out_of_range = || candle_core::Error::Msg(format!("buffer range {range:?} is out of bounds"));
-        let (bytes, stored) = (self.stored.bytes, self.stored.dtype);
-        match storage {
-            CpuStorage::F32(data) => convert_f32(data.get_mut(range.clone()).ok_or_else(out_of_range)?, bytes, stored),
-            CpuStorage::BF16(data) => {
-                convert_bf16(data.get_mut(range.clone()).ok_or_else(out_of_range)?, bytes, stored)
+        let result = match storage {
+            CpuStorage::F32(data) => {
+                self.checkpoint.read_into(self.name, data.get_mut(range.clone()).ok_or_else(out_of_range)?)
             }
-            CpuStorage::F16(data) => convert_f16(data.get_mut(range.clone()).ok_or_else(out_of_range)?, bytes, stored),
-            _ => Err(candle_core::Error::Msg("a unit buffer holds f32, f16 or bf16".to_owned())),
-        }
+            CpuStorage::BF16(data) => {
+                self.checkpoint.read_into(self.name, data.get_mut(range.clone()).ok_or_else(out_of_range)?)
+            }
+            CpuStorage::F16(data) => {
+                self.checkpoint.read_into(self.name, data.get_mut(range.clone()).ok_or_else(out_of_range)?)
+            }
+            _ => return Err(candle_core::Error::Msg("a unit buffer holds f32, f16 or bf16".to_owned())),
+        };
+        result.map_err(|error| {
+            let message = error.to_string();
+            *self.error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error);
+            candle_core::Error::Msg(message)
+        })
     }
-}
-
-// The conversions below mirror candle's CPU `to_dtype` pair by pair, so they are bit-identical.
-
-fn convert_f32(out: &mut [f32], bytes: &[u8], stored: DType) -> candle_core::Result<()> {
-    match stored {
-        DType::F32 => each(out, bytes, f32::from_le_bytes),
-        DType::BF16 => each(out, bytes, |b| bf16::from_le_bytes(b).to_f32()),
-        DType::F16 => each(out, bytes, |b| f16::from_le_bytes(b).to_f32()),
-        DType::F64 => each(out, bytes, |b| f64::from_le_bytes(b) as f32),
-        other => unsupported(other),
-    }
-}
-
-fn convert_bf16(out: &mut [bf16], bytes: &[u8], stored: DType) -> candle_core::Result<()> {
-    match stored {
-        DType::F32 => each(out, bytes, |b| bf16::from_f32(f32::from_le_bytes(b))),
-        DType::BF16 => each(out, bytes, bf16::from_le_bytes),
-        DType::F16 => each(out, bytes, |b| bf16::from_f32(f16::from_le_bytes(b).to_f32())),
-        DType::F64 => each(out, bytes, |b| bf16::from_f64(f64::from_le_bytes(b))),
-        other => unsupported(other),
-    }
-}
-
-fn convert_f16(out: &mut [f16], bytes: &[u8], stored: DType) -> candle_core::Result<()> {
-    match stored {
-        DType::F32 => each(out, bytes, |b| f16::from_f32(f32::from_le_bytes(b))),
-        DType::BF16 => each(out, bytes, |b| f16::from_f32(bf16::from_le_bytes(b).to_f32())),
-        DType::F16 => each(out, bytes, f16::from_le_bytes),
-        DType::F64 => each(out, bytes, |b| f16::from_f64(f64::from_le_bytes(b))),
-        other => unsupported(other),
-    }
-}
-
-/// Decodes `out.len()` little-endian elements of `W` bytes from `bytes` into `out`.
-fn each<const W: usize, T>(out: &mut [T], bytes: &[u8], decode: impl Fn([u8; W]) -> T) -> candle_core::Result<()> {
-    if bytes.len() != out.len() * W {
-        return Err(candle_core::Error::Msg(format!(
-            "{} stored bytes for {} elements of {W} bytes",
-            bytes.len(),
-            out.len()
-        )));
-    }
-    for (element, chunk) in out.iter_mut().zip(bytes.chunks_exact(W)) {
-        let mut array = [0u8; W];
-        array.copy_from_slice(chunk);
-        *element = decode(array);
-    }
-    Ok(())
-}
-
-fn unsupported(dtype: DType) -> candle_core::Result<()> {
-    Err(candle_core::Error::Msg(format!("weights stored as {dtype:?} cannot be converted")))
 }

@@ -6,5 +6,6 @@ mod integration {
     mod fuzz;
     mod read_into;
     mod synth;
+    mod unit_buffer;
     mod util;
 }
