@@ -418,7 +418,7 @@ fn write_reports(
          {table}\n\
          - The reference is `{reference}`; *max diff* is max |output − reference|, and every output \
          must have the reference's bits (`0 (identical)`).\n\
-         - *peak device* is the process heap peak, *peak weights* the pool's peak of unit weights.\n\
+         - *peak device* is the process heap peak, *peak weights* the budget ledger's peak of unit weights.\n\
          - *× all* is the seconds per step over those of `all` with the same precompute setting, \
          measured in this same run; *stall* is the time the compute waited for streamed units.\n\
          - A budget below the planner's minimum is refused, as it must be: the row gives the minimum.\n\n\

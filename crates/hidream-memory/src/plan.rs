@@ -132,7 +132,7 @@ impl Plan {
         })
     }
 
-    /// For units that run once (a per-prompt precomputation, a text encoder's layers): every
+    /// For units that run once, such as a per-prompt precomputation's layers: every
     /// streamable unit streams, since keeping one resident would not save a byte, at the deepest
     /// prefetch up to `prefetch_depth` whose slots fit `budget_bytes` beside the pinned units.
     /// Fails with [`MemoryError::BudgetTooSmall`] if even one slot does not fit.

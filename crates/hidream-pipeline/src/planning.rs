@@ -354,8 +354,10 @@ impl PlanReport {
                 0
             };
             let once_bytes = if per_prompt { saved_bytes } else { 0 };
-            let minimum_budget = Plan::minimum_budget(table.specs(), request.prefetch);
-            let (plan, error) = match policy.plan(table.specs()) {
+            // The room the runner keeps for the precomputation's layers, as the runner plans it.
+            let scratch = crate::runner::prepare_scratch_bytes(cfg, request.dtype, table.precompute());
+            let minimum_budget = Plan::minimum_budget_with_scratch(table.specs(), request.prefetch, scratch);
+            let (plan, error) = match policy.plan_with_scratch(table.specs(), scratch) {
                 Ok(plan) => (Some(plan), None),
                 Err(err) => (None, Some(err)),
             };
@@ -385,7 +387,7 @@ impl PlanReport {
                 n_units: table.units().len(),
                 minimum_budget,
                 minimum_budget_percent: percent(minimum_budget, weight_bytes),
-                minimum_budget_without_prefetch: Plan::minimum_budget(table.specs(), 0),
+                minimum_budget_without_prefetch: Plan::minimum_budget_with_scratch(table.specs(), 0, scratch),
                 plan: plan.as_ref().map(|plan| plan_summary(table, plan)),
                 error,
                 flops_per_step: step_flops,

@@ -21,8 +21,8 @@
 //!
 //! This is the only crate of the workspace that knows tokenizers and the Hub cache (the
 //! `tokenizers` and `hf-hub` crates). It must NOT know the transformer (hidream-model), the
-//! pipeline, the samplers or the command line; Llama streams through hidream-memory's generic
-//! scheduler, with no HiDream transformer types involved.
+//! pipeline, the samplers or the command line. T5 and Llama stream by layer through
+//! hidream-memory's residency runtime ([`streamed`]), with no HiDream transformer types involved.
 #![forbid(unsafe_code)]
 
 pub mod clip;

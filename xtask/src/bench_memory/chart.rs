@@ -1,5 +1,5 @@
 //! `report.svg`: two bar panels side by side, one row per run. On the left, the peak memory of
-//! each run (the heap peak, with the pool's peak of weight bytes drawn inside it); on the right,
+//! each run (the heap peak, with the budget ledger's peak of weight bytes drawn inside it); on the right,
 //! the seconds per step. Runs that fail as expected show the minimum budget they would need.
 
 use std::path::Path;
@@ -89,7 +89,7 @@ fn legend(area: &DrawingArea<SVGBackend<'_>, Shift>) -> DrawResult {
     let entries = [
         (PRECOMPUTE.to_rgba(), "prompt work precomputed once"),
         (PER_STEP.to_rgba(), "prompt work in every step (as diffusers)"),
-        (WEIGHTS.mix(0.55), "peak weight bytes (the pool's accounting)"),
+        (WEIGHTS.mix(0.55), "peak weight bytes (the budget ledger)"),
     ];
     let mut x = 260;
     for (color, text) in entries {

@@ -229,7 +229,7 @@ const FILE_HEADER: &str = "\
 #   threads, so it may grow by the fraction `tolerance.peak_device_bytes` before the gate fails, and
 #   it is compared only when `setup` (preset, inputs, steps, threads, build) matches the run's.
 # - A run with prefetch > 0 holds as many loaded units at its heap peak as its loader had finished
-#   by then, so its heap peak varies with timing, up to the pool's peak_weight_bytes plus the heap
+#   by then, so its heap peak varies with timing, up to the ledger's peak_weight_bytes plus the heap
 #   beyond weights. Its gate is that ceiling: peak_weight_bytes plus the largest heap beyond
 #   weights among the runs with prefetch 0 (all, sequential), or its own peak if that is larger.
 # - `fails = true`: the budget is below the planner's minimum; `hidream denoise` is expected to
