@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::{SizeModel, TransformerConfig};
 use serde::Deserialize;
 
+use crate::convert::{ReadDType, convert_into, element_bytes};
 use crate::error::io_error;
 use crate::header::{Entry, parse_header};
 use crate::mmap::MappedFile;
@@ -126,6 +127,45 @@ impl Checkpoint {
             dtype: location.entry.dtype,
             shape: location.entry.shape.clone(),
         })
+    }
+
+    /// The number of elements of a tensor: the length of the buffer [`Checkpoint::read_into`]
+    /// fills.
+    pub fn tensor_numel(&self, name: &str) -> Result<usize> {
+        Ok(self.locate(name)?.entry.shape.iter().product())
+    }
+
+    /// Converts the stored tensor `name` into the caller's `dst`, in one pass over its bytes and
+    /// with no allocation: the primitive for loading into a buffer that is reused from load to
+    /// load. `T` is `f32`, `f64`, `half::f16` or `half::bf16`; the tensor may be stored as F32,
+    /// F16, BF16 or F64, at any alignment. The values are bit-identical to those of
+    /// [`Checkpoint::load`] into `T::DTYPE` (the same conversion, NaN payloads included).
+    ///
+    /// Errors: `MissingTensor`, `UnsupportedDtype` (an integer or 8-bit tensor), and
+    /// `LengthMismatch` when `dst` does not hold exactly [`Checkpoint::tensor_numel`] elements.
+    pub fn read_into<T: ReadDType>(&self, name: &str, dst: &mut [T]) -> Result<()> {
+        let location = self.locate(name)?;
+        let path = self.shard_path(location);
+        let entry = &location.entry;
+        stored_dtype(path, name, entry.dtype)?;
+        let expected: usize = entry.shape.iter().product();
+        if dst.len() != expected {
+            return Err(WeightsError::LengthMismatch {
+                file: path.to_owned(),
+                tensor: name.to_owned(),
+                shape: entry.shape.clone(),
+                expected,
+                actual: dst.len(),
+            });
+        }
+        let bytes = self.stored_bytes(name, location)?;
+        // The header check makes the range exactly `expected` elements of the stored dtype.
+        if element_bytes(entry.dtype).map(|size| size * expected) != Some(bytes.len()) {
+            let problem = format!("{} bytes are not {expected} {} elements", bytes.len(), entry.dtype);
+            return Err(WeightsError::BadOffsets { file: path.to_owned(), tensor: name.to_owned(), problem });
+        }
+        convert_into(entry.dtype, bytes, dst);
+        Ok(())
     }
 
     /// Reads one tensor and converts it to `dtype` on `device`.
@@ -304,13 +344,24 @@ impl Checkpoint {
             tensor: name.to_owned(),
             source: Box::new(source),
         };
-        // The header check guarantees the range; `get` keeps even a broken invariant from panicking.
-        let bytes = shard.map.bytes().get(entry.range.clone()).ok_or_else(|| {
-            candle_error(candle_core::Error::Msg(format!("byte range {:?} is outside the file", entry.range)))
-        })?;
+        let bytes = self.stored_bytes(name, location)?;
         let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu).map_err(candle_error)?;
         let tensor = tensor.to_dtype(dtype.unwrap_or(stored)).map_err(candle_error)?;
         tensor.to_device(device).map_err(candle_error)
+    }
+}
+
+impl Checkpoint {
+    /// The stored bytes of a located tensor.
+    fn stored_bytes(&self, name: &str, location: &Location) -> Result<&[u8]> {
+        let shard = &self.inner.files[location.shard];
+        let range = &location.entry.range;
+        // The header check guarantees the range; `get` keeps even a broken invariant from panicking.
+        shard.map.bytes().get(range.clone()).ok_or_else(|| WeightsError::BadOffsets {
+            file: shard.path.clone(),
+            tensor: name.to_owned(),
+            problem: format!("byte range {range:?} is outside the file"),
+        })
     }
 }
 

@@ -77,6 +77,13 @@ pub enum WeightsError {
     )]
     UnsupportedDtype { file: PathBuf, tensor: String, dtype: safetensors::Dtype },
 
+    /// A caller's buffer does not hold exactly the elements of the tensor read into it.
+    #[error(
+        "cannot read tensor `{tensor}` of {file} into a buffer of {actual} elements: it has {expected} (shape \
+         {shape:?}); size the buffer with `Checkpoint::tensor_numel`"
+    )]
+    LengthMismatch { file: PathBuf, tensor: String, shape: Vec<usize>, expected: usize, actual: usize },
+
     /// A tensor the model needs is not in the checkpoint.
     #[error(
         "tensor `{tensor}` is missing from the checkpoint {file}; the checkpoint is incomplete, does not match its \

@@ -29,6 +29,7 @@
 #![deny(unsafe_code)]
 
 mod checkpoint;
+mod convert;
 mod error;
 mod header;
 mod inputs;
@@ -37,6 +38,7 @@ mod synth;
 mod var_builder;
 
 pub use checkpoint::{Checkpoint, TensorInfo};
+pub use convert::ReadDType;
 pub use error::{Result, WeightsError};
 pub use inputs::{InputSpec, read_tensors, synthetic_inputs, write_tensors};
 pub use synth::{SynthOptions, SynthSummary, write_synthetic};

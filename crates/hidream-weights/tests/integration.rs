@@ -4,6 +4,7 @@
 mod integration {
     mod broken;
     mod fuzz;
+    mod read_into;
     mod synth;
     mod util;
 }
