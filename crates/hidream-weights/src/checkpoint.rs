@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use hidream_config::{SizeModel, TransformerConfig};
 use serde::Deserialize;
 
-use crate::convert::{ReadDType, convert_into, element_bytes};
+use crate::convert::{ReadDType, convert_into, element_bytes, zeroed_vec};
 use crate::error::io_error;
 use crate::header::{Entry, parse_header};
 use crate::mmap::MappedFile;
@@ -145,6 +145,10 @@ impl Checkpoint {
     /// `LengthMismatch` when `dst` does not hold exactly [`Checkpoint::tensor_numel`] elements.
     pub fn read_into<T: ReadDType>(&self, name: &str, dst: &mut [T]) -> Result<()> {
         let location = self.locate(name)?;
+        self.read_located(name, location, dst)
+    }
+
+    fn read_located<T: ReadDType>(&self, name: &str, location: &Location, dst: &mut [T]) -> Result<()> {
         let path = self.shard_path(location);
         let entry = &location.entry;
         stored_dtype(path, name, entry.dtype)?;
@@ -345,9 +349,34 @@ impl Checkpoint {
             source: Box::new(source),
         };
         let bytes = self.stored_bytes(name, location)?;
-        let tensor = Tensor::from_raw_buffer(bytes, stored, &entry.shape, &Device::Cpu).map_err(candle_error)?;
-        let tensor = tensor.to_dtype(dtype.unwrap_or(stored)).map_err(candle_error)?;
+        let shape = entry.shape.as_slice();
+        // A float converted to another float goes straight from the map into the tensor's one
+        // allocation (`read_into`'s conversion, bit-identical to `to_dtype`); a tensor read in its
+        // stored dtype is one copy, and an integer target is candle's conversion.
+        let tensor = match dtype.unwrap_or(stored) {
+            target if target == stored => {
+                Tensor::from_raw_buffer(bytes, stored, shape, &Device::Cpu).map_err(candle_error)
+            }
+            DType::F32 => self.read_vec::<f32>(name, location, shape),
+            DType::F64 => self.read_vec::<f64>(name, location, shape),
+            DType::F16 => self.read_vec::<half::f16>(name, location, shape),
+            DType::BF16 => self.read_vec::<half::bf16>(name, location, shape),
+            other => Tensor::from_raw_buffer(bytes, stored, shape, &Device::Cpu)
+                .and_then(|tensor| tensor.to_dtype(other))
+                .map_err(candle_error),
+        }?;
         tensor.to_device(device).map_err(candle_error)
+    }
+
+    /// A float tensor converted into a new `Vec<T>`, on the CPU.
+    fn read_vec<T: ReadDType>(&self, name: &str, location: &Location, shape: &[usize]) -> Result<Tensor> {
+        let mut values = zeroed_vec::<T>(shape.iter().product());
+        self.read_located(name, location, &mut values)?;
+        Tensor::from_vec(values, shape, &Device::Cpu).map_err(|source| WeightsError::Candle {
+            file: self.shard_path(location).to_owned(),
+            tensor: name.to_owned(),
+            source: Box::new(source),
+        })
     }
 }
 

@@ -32,6 +32,11 @@ pub(crate) fn convert_into<T: ReadDType>(dtype: Dtype, bytes: &[u8], dst: &mut [
     T::convert_bytes(dtype, bytes, dst);
 }
 
+/// `n` zeros of `T` in a new vector (for f32 and f64, without a pass over its memory).
+pub(crate) fn zeroed_vec<T: ReadDType>(n: usize) -> Vec<T> {
+    T::zeroed_vec(n)
+}
+
 /// The bytes per element of the dtypes [`convert_into`] reads, or `None` for the others.
 pub(crate) fn element_bytes(dtype: Dtype) -> Option<usize> {
     match dtype {
@@ -59,6 +64,19 @@ pub(crate) mod sealed {
     pub trait Convert: Sized {
         fn convert(src: Stored<'_>, dst: &mut [Self]);
         fn convert_bytes(dtype: Dtype, bytes: &[u8], dst: &mut [Self]);
+        /// `n` zeros; for f32 and f64 allocated zeroed (for a large `n`, the kernel's fresh pages:
+        /// no pass over the memory before the conversion writes it).
+        fn zeroed_vec(n: usize) -> Vec<Self>;
+    }
+
+    macro_rules! zeroed_16 {
+        ($ty:ty) => {
+            fn zeroed_vec(n: usize) -> Vec<$ty> {
+                // std allocates zeroed only for its own types: this is a fill, as cheap as the
+                // conversion's own pass (a half-size write) and cheaper than a staging copy.
+                vec![<$ty>::ZERO; n]
+            }
+        };
     }
 
     macro_rules! convert_bytes {
@@ -86,6 +104,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f32);
+        fn zeroed_vec(n: usize) -> Vec<f32> {
+            vec![0.0; n]
+        }
     }
 
     impl Convert for f64 {
@@ -98,6 +119,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f64);
+        fn zeroed_vec(n: usize) -> Vec<f64> {
+            vec![0.0; n]
+        }
     }
 
     impl Convert for f16 {
@@ -113,6 +137,7 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f16);
+        zeroed_16!(f16);
     }
 
     impl Convert for bf16 {
@@ -128,6 +153,7 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(bf16);
+        zeroed_16!(bf16);
     }
 
     /// A stored element as it sits in the file: its bits, read from little-endian bytes.

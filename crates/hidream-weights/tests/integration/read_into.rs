@@ -1,8 +1,8 @@
-//! `Checkpoint::read_into` is bit-identical to `Checkpoint::load` (candle's `from_raw_buffer` plus
-//! `to_dtype`) for every stored and destination float dtype, at every alignment of the data, NaN
-//! payloads, infinities and subnormals included; and its misuse is a typed error.
+//! `Checkpoint::read_into` and `Checkpoint::load` are bit-identical to candle's `from_raw_buffer`
+//! plus `to_dtype` for every stored and destination float dtype, at every alignment of the data,
+//! NaN payloads, infinities and subnormals included; and misuse is a typed error.
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use hidream_weights::{Checkpoint, ReadDType};
 use proptest::prelude::*;
@@ -45,7 +45,8 @@ fn file_with(dtype: &str, n_elements: usize, data: &[u8], misalign: usize) -> Ve
     raw_file(&header, data)
 }
 
-/// Reads `t` into every destination dtype with `read_into` and with `load`, and compares the bits.
+/// Reads `t` into every destination dtype with `read_into` and with `load`, and compares the bits
+/// with candle's own conversion of the same bytes.
 #[track_caller]
 fn check(dtype: &str, n_elements: usize, data: &[u8], misalign: usize) {
     let dir = tempfile::tempdir().unwrap();
@@ -53,29 +54,53 @@ fn check(dtype: &str, n_elements: usize, data: &[u8], misalign: usize) {
     std::fs::write(&path, file_with(dtype, n_elements, data, misalign)).unwrap();
     let checkpoint = Checkpoint::open(&path).unwrap();
     assert_eq!(checkpoint.tensor_numel("t").unwrap(), n_elements);
-    check_into::<f32>(&checkpoint, n_elements, dtype, misalign);
-    check_into::<f64>(&checkpoint, n_elements, dtype, misalign);
-    check_into::<f16>(&checkpoint, n_elements, dtype, misalign);
-    check_into::<bf16>(&checkpoint, n_elements, dtype, misalign);
+    let stored = match dtype {
+        "F32" => DType::F32,
+        "F64" => DType::F64,
+        "F16" => DType::F16,
+        "BF16" => DType::BF16,
+        other => panic!("not a float dtype: {other}"),
+    };
+    let reference = Tensor::from_raw_buffer(data, stored, &[n_elements], &Device::Cpu).unwrap();
+    let case = Case { checkpoint: &checkpoint, reference: &reference, dtype, misalign };
+    case.check_into::<f32>();
+    case.check_into::<f64>();
+    case.check_into::<f16>();
+    case.check_into::<bf16>();
 }
 
-#[track_caller]
-fn check_into<T: Bits>(checkpoint: &Checkpoint, n_elements: usize, dtype: &str, misalign: usize) {
-    let expected: Vec<T> = checkpoint.load("t", T::DTYPE, &Device::Cpu).unwrap().to_vec1().unwrap();
-    // A dirty buffer, as a reused slot's would be.
-    let mut got = vec![T::from_f64(7.0); n_elements];
-    checkpoint.read_into("t", &mut got).unwrap();
-    for (idx, (got, want)) in got.iter().zip(&expected).enumerate() {
-        assert_eq!(
-            got.bits(),
-            want.bits(),
-            "{dtype} -> {:?}, data at +{misalign}: element {idx} is {got} ({:#x}), load gives {want} ({:#x})",
-            T::DTYPE,
-            got.bits(),
-            want.bits()
-        );
+struct Case<'a> {
+    checkpoint: &'a Checkpoint,
+    /// The stored tensor as candle reads it, in its stored dtype.
+    reference: &'a Tensor,
+    dtype: &'a str,
+    misalign: usize,
+}
+
+impl Case<'_> {
+    #[track_caller]
+    fn check_into<T: Bits>(&self) {
+        let expected: Vec<T> = self.reference.to_dtype(T::DTYPE).unwrap().to_vec1().unwrap();
+        // A dirty buffer, as a reused slot's would be.
+        let mut got = vec![T::from_f64(7.0); expected.len()];
+        self.checkpoint.read_into("t", &mut got).unwrap();
+        let loaded: Vec<T> = self.checkpoint.load("t", T::DTYPE, &Device::Cpu).unwrap().to_vec1().unwrap();
+        for (path, got) in [("read_into", &got), ("load", &loaded)] {
+            assert_eq!(got.len(), expected.len(), "{path}");
+            for (idx, (got, want)) in got.iter().zip(&expected).enumerate() {
+                assert_eq!(
+                    got.bits(),
+                    want.bits(),
+                    "{path}, {} -> {:?}, data at +{}: element {idx} is {got} ({:#x}), candle gives {want} ({:#x})",
+                    self.dtype,
+                    T::DTYPE,
+                    self.misalign,
+                    got.bits(),
+                    want.bits()
+                );
+            }
+        }
     }
-    assert_eq!(got.len(), expected.len());
 }
 
 fn bytes_of<const N: usize>(values: impl IntoIterator<Item = [u8; N]>) -> Vec<u8> {
@@ -151,6 +176,14 @@ fn edge_values_convert_as_load_does() {
         .to_vec();
         check("F64", f64_bits.len(), &bytes_of(f64_bits.iter().map(|b| b.to_le_bytes())), misalign);
     }
+}
+
+#[test]
+fn every_16_bit_pattern_converts_as_candle_does() {
+    let all = bytes_of((0..=u16::MAX).map(u16::to_le_bytes));
+    check("BF16", 1 << 16, &all, 0);
+    check("F16", 1 << 16, &all, 0);
+    check("BF16", 1 << 16, &all, 3);
 }
 
 #[test]
