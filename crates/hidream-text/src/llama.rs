@@ -31,13 +31,16 @@ use std::f32::consts::PI;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
 use hidream_weights::Checkpoint;
 use serde::Deserialize;
 
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 use super::{MAX_SEQUENCE_LENGTH, open_weights, read_config};
 use crate::{Result, TextError};
+
+/// The token embedding table's key.
+const EMBED_TOKENS: &str = "model.embed_tokens.weight";
 
 /// The fields of transformers' `LlamaConfig` the encoder uses, in both the transformers 4 layout
 /// (`rope_theta`, `rope_scaling`) and the transformers 5 one (`rope_parameters`).
@@ -140,14 +143,14 @@ fn llama3_inv_freq(inv_freq: &[f32], params: &RopeParameters) -> std::result::Re
         .collect())
 }
 
-/// The resident part of the encoder: config, tokenizer, token embedding, final norm, RoPE
-/// frequencies and the opened checkpoint. Layers are loaded separately.
+/// The resident part of the encoder: config, tokenizer, final norm, RoPE frequencies and the
+/// opened checkpoint. Layers are loaded separately, and the token embedding table never is: a
+/// pass reads only its tokens' rows from the checkpoint.
 #[derive(Debug)]
 pub struct LlamaStem {
     config: LlamaConfig,
     tokenizer: PromptTokenizer,
     checkpoint: Checkpoint,
-    embed_tokens: Embedding,
     norm: RmsNorm,
     inv_freq: Vec<f32>,
     dtype: DType,
@@ -195,9 +198,30 @@ impl LlamaStem {
         let tokenizer = PromptTokenizer::load(dir, PadWith::EosToken, Length::AtMostModelMax(MAX_SEQUENCE_LENGTH))?;
         let checkpoint = open_weights(dir)?;
         let vb = checkpoint.var_builder(dtype, device);
-        let embed_tokens = candle_nn::embedding(config.vocab_size, config.hidden_size, vb.pp("model.embed_tokens"))?;
+        // The embedding table (1 GB in bf16 for Llama-3.1-8B) is not loaded: each pass reads only
+        // its tokens' rows. Its shape is checked now, before any long work.
+        let expected = [config.vocab_size, config.hidden_size];
+        match checkpoint.tensor_info(EMBED_TOKENS) {
+            Some(info) if info.shape == expected => {}
+            Some(info) => {
+                return Err(hidream_weights::WeightsError::ShapeMismatch {
+                    file: info.file,
+                    tensor: EMBED_TOKENS.to_owned(),
+                    expected: expected.to_vec(),
+                    actual: info.shape,
+                }
+                .into());
+            }
+            None => {
+                return Err(hidream_weights::WeightsError::MissingTensor {
+                    file: checkpoint.files().next().map(Path::to_owned).unwrap_or_default(),
+                    tensor: EMBED_TOKENS.to_owned(),
+                }
+                .into());
+            }
+        }
         let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, vb.pp("model.norm"))?;
-        Ok(LlamaStem { config, tokenizer, checkpoint, embed_tokens, norm, inv_freq, dtype, device: device.clone() })
+        Ok(LlamaStem { config, tokenizer, checkpoint, norm, inv_freq, dtype, device: device.clone() })
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -235,7 +259,13 @@ impl LlamaStem {
     /// Embeds tokenized prompts and builds their mask and rotary tables.
     pub fn begin_tokens(&self, tokens: Tokens) -> Result<LlamaPass> {
         let (batch, seq_len) = (tokens.n_prompts(), tokens.len());
-        let hidden = self.embed_tokens.forward(&tokens.ids_tensor(&self.device)?)?;
+        // The rows of the prompts' tokens, as `Embedding::forward` would pick them from the table.
+        let ids: Vec<u32> = tokens.ids().iter().flatten().copied().collect();
+        let hidden = self.checkpoint.load_rows(EMBED_TOKENS, &ids, self.dtype, &self.device)?.reshape((
+            batch,
+            seq_len,
+            self.config.hidden_size,
+        ))?;
         let mut mask = Vec::with_capacity(batch * seq_len * seq_len);
         for row in tokens.mask() {
             for query in 0..seq_len {

@@ -172,6 +172,64 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Rows `rows` of the 2-D tensor `name` (`[n_rows, width]`), converted to `dtype` on `device`:
+    /// `[rows.len(), width]`. Only those rows' bytes are read, so an embedding table need not be
+    /// loaded to embed a few tokens; the values are those of [`Checkpoint::load`] followed by
+    /// `index_select`, bit for bit.
+    ///
+    /// Errors: `MissingTensor`, `UnsupportedDtype`, `ShapeMismatch` for a tensor that is not 2-D,
+    /// and `RowOutOfRange` for a row past the end.
+    pub fn load_rows(&self, name: &str, rows: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        let location = self.locate(name)?;
+        let path = self.shard_path(location);
+        let entry = &location.entry;
+        stored_dtype(path, name, entry.dtype)?;
+        let &[n_rows, width] = entry.shape.as_slice() else {
+            return Err(WeightsError::ShapeMismatch {
+                file: path.to_owned(),
+                tensor: name.to_owned(),
+                expected: vec![entry.shape.first().copied().unwrap_or(0), entry.shape.iter().skip(1).product()],
+                actual: entry.shape.clone(),
+            });
+        };
+        if let Some(&row) = rows.iter().find(|&&row| row as usize >= n_rows) {
+            return Err(WeightsError::RowOutOfRange { file: path.to_owned(), tensor: name.to_owned(), row, n_rows });
+        }
+        let bytes = self.stored_bytes(name, location)?;
+        let row_bytes = element_bytes(entry.dtype).unwrap_or(0) * width;
+        let tensor = match dtype {
+            DType::F32 => self.gather_rows::<f32>(bytes, entry.dtype, rows, row_bytes, width),
+            DType::F64 => self.gather_rows::<f64>(bytes, entry.dtype, rows, row_bytes, width),
+            DType::F16 => self.gather_rows::<half::f16>(bytes, entry.dtype, rows, row_bytes, width),
+            DType::BF16 => self.gather_rows::<half::bf16>(bytes, entry.dtype, rows, row_bytes, width),
+            other => {
+                return Err(WeightsError::BufferDtype { dtype: other });
+            }
+        };
+        let candle_error =
+            |source| WeightsError::Candle { file: path.to_owned(), tensor: name.to_owned(), source: Box::new(source) };
+        tensor.map_err(candle_error)?.to_device(device).map_err(candle_error)
+    }
+
+    fn gather_rows<T: ReadDType>(
+        &self,
+        bytes: &[u8],
+        stored: safetensors::Dtype,
+        rows: &[u32],
+        row_bytes: usize,
+        width: usize,
+    ) -> candle_core::Result<Tensor> {
+        let mut values = zeroed_vec::<T>(rows.len() * width);
+        for (out, &row) in values.chunks_exact_mut(width.max(1)).zip(rows) {
+            let start = row as usize * row_bytes;
+            // The row was checked against the shape, and the header check makes the data exactly
+            // `n_rows * row_bytes` long.
+            let source = bytes.get(start..start + row_bytes).unwrap_or_default();
+            convert_into(stored, source, out);
+        }
+        Tensor::from_vec(values, (rows.len(), width), &Device::Cpu)
+    }
+
     /// Reads one tensor and converts it to `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let location = self.locate(name)?;

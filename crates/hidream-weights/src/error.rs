@@ -120,6 +120,13 @@ pub enum WeightsError {
     #[error("cannot convert tensor `{tensor}` of {file}: {source}")]
     Candle { file: PathBuf, tensor: String, source: Box<candle_core::Error> },
 
+    /// A row past the end of a 2-D tensor, such as a token id past an embedding table.
+    #[error(
+        "row {row} of tensor `{tensor}` in {file} does not exist: it has {n_rows} rows (a token id past the \
+         vocabulary? check that the tokenizer belongs to this model)"
+    )]
+    RowOutOfRange { file: PathBuf, tensor: String, row: u32, n_rows: usize },
+
     /// A unit's tensors do not fit the buffer they are loaded into.
     #[error(
         "tensor `{tensor}` of {file} does not fit its unit buffer: it needs {needed} more bytes at byte {offset}, \
@@ -127,8 +134,8 @@ pub enum WeightsError {
     )]
     BufferTooSmall { file: PathBuf, tensor: String, offset: u64, needed: u64, capacity: u64 },
 
-    /// A unit buffer of a dtype weights cannot be converted to.
-    #[error("a unit buffer of {dtype:?} cannot hold weights: use f32, f16 or bf16")]
+    /// A buffer or target of a dtype weights cannot be converted to.
+    #[error("weights cannot be converted to {dtype:?}: use f32, f16 or bf16")]
     BufferDtype { dtype: candle_core::DType },
 
     /// The safetensors crate rejected a file this crate reads or writes.

@@ -1,6 +1,7 @@
 //! `Checkpoint::load_into_buffer`: a unit's tensors land in consecutive ranges of one reusable
 //! buffer, as views bit-identical to `Checkpoint::load`; a later unit overwrites the buffer in
-//! place; a unit larger than the buffer is a typed error.
+//! place; a unit larger than the buffer is a typed error. And `Checkpoint::load_rows`: a few rows
+//! of a table, as the table loaded and indexed.
 
 use candle_core::{DType, Device, Tensor};
 use hidream_test_support::bits;
@@ -78,4 +79,29 @@ fn a_unit_larger_than_the_buffer_is_a_typed_error() {
     }
     assert!(matches!(checkpoint.load_into_buffer(&["missing"], &mut buffer), Err(WeightsError::MissingTensor { .. })));
     assert!(matches!(UnitBuffer::new(8, DType::U8, &Device::Cpu), Err(WeightsError::BufferDtype { .. })));
+}
+
+/// `load_rows` reads a few rows of a 2-D table, bit-identical to loading the table and selecting
+/// them; a row past the end and a tensor that is not 2-D are typed errors.
+#[test]
+fn rows_of_a_table_equal_the_table_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = open(&dir);
+    let rows = [1u32, 0, 1, 1];
+    for dtype in [DType::F32, DType::BF16, DType::F16] {
+        let table = checkpoint.load("a", dtype, &Device::Cpu).unwrap();
+        let ids = Tensor::new(&rows[..], &Device::Cpu).unwrap();
+        let expected = table.index_select(&ids, 0).unwrap();
+        let picked = checkpoint.load_rows("a", &rows, dtype, &Device::Cpu).unwrap();
+        assert_eq!(picked.dims(), [4, 3]);
+        assert_eq!(bits(&picked).unwrap(), bits(&expected).unwrap(), "{dtype:?}");
+    }
+    assert!(matches!(
+        checkpoint.load_rows("a", &[2], DType::F32, &Device::Cpu),
+        Err(WeightsError::RowOutOfRange { row: 2, n_rows: 2, .. })
+    ));
+    assert!(matches!(
+        checkpoint.load_rows("b", &[0], DType::F32, &Device::Cpu),
+        Err(WeightsError::ShapeMismatch { .. })
+    ));
 }
