@@ -54,6 +54,11 @@ pub struct GenerateArgs {
     /// Decode the VAE in overlapping tiles (less memory; blended seams).
     #[arg(long)]
     vae_tiling: bool,
+    /// Evaluate the VAE mid block's attention over every latent position in chunks of this many
+    /// query positions (the same function, within f32 rounding; bounds its score matrix, 1 GiB
+    /// at 1024² unchunked); at least 1.
+    #[arg(long, value_parser = crate::parse::positive, allow_negative_numbers = true)]
+    vae_attention_chunk: Option<usize>,
     /// The PNG to write (whole or not at all).
     #[arg(long, default_value = "image.png")]
     out: PathBuf,
@@ -104,6 +109,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         vae: DecodeOptions {
             tiling: args.vae_tiling.then(|| hidream_pipeline::vae::VaeConfig::flux().default_tiling()),
             slicing: false,
+            attention_chunk: args.vae_attention_chunk,
         },
         default_sample_size: args.default_sample_size,
     };

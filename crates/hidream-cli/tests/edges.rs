@@ -302,6 +302,7 @@ fn generate_edges() {
         ("--size", "", Fails("--size")),
     ]);
     cases.extend(numeric("--steps", Fails("--steps"), Fails("more than 1000")));
+    cases.extend(numeric("--vae-attention-chunk", Fails("--vae-attention-chunk"), Runs));
     cases.extend(numeric("--default-sample-size", Fails("--default-sample-size"), Fails("more than 1024")));
     cases.extend([("--seed", "0", Runs), ("--seed", "18446744073709551615", Runs), ("--seed", HUGE, Fails("--seed"))]);
     cases.extend(malformed("--seed"));

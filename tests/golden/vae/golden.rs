@@ -36,8 +36,11 @@ use hidream_test_support::{compare, ensure_bit_identical, ensure_close, max_abs,
 const F32_TOLERANCE: f32 = 1e-4;
 /// diffusers' tiling in `generate.py`: latent tiles of 4, overlap 0.25 (tiles every 3, 8 blended
 /// pixels, 24 kept).
-const TILED: DecodeOptions =
-    DecodeOptions { tiling: Some(Tiling { tile_latent_size: 4, overlap_factor: 0.25 }), slicing: false };
+const TILED: DecodeOptions = DecodeOptions {
+    tiling: Some(Tiling { tile_latent_size: 4, overlap_factor: 0.25 }),
+    slicing: false,
+    attention_chunk: None,
+};
 
 /// How a result is judged.
 #[derive(Clone, Copy)]
@@ -160,9 +163,28 @@ fn slicing_is_bit_identical_to_batched() -> Result<()> {
     let latents = tensor(&tensors, "latents")?;
     ensure!(latents.dim(0)? == 2, "the square case is a batch of 2");
     for tiling in [None, TILED.tiling] {
-        let batched = vae.decode(latents, &DecodeOptions { tiling, slicing: false })?;
-        let sliced = vae.decode(latents, &DecodeOptions { tiling, slicing: true })?;
+        let batched = vae.decode(latents, &DecodeOptions { tiling, slicing: false, attention_chunk: None })?;
+        let sliced = vae.decode(latents, &DecodeOptions { tiling, slicing: true, attention_chunk: None })?;
         ensure_bit_identical(&format!("tiling {tiling:?}: sliced vs batched"), &sliced, &batched)?;
+    }
+    Ok(())
+}
+
+/// The mid block's attention in query chunks against diffusers, at chunk sizes that really chunk
+/// (fewer than the latent positions, one of them not dividing them), and within a few ulps of the
+/// unchunked decode.
+#[test]
+fn chunked_mid_block_attention_matches() -> Result<()> {
+    for case in ["square", "nonsquare"] {
+        let latents = tensor(&read_case(case)?, "latents")?.clone();
+        let positions = latents.dim(2)? * latents.dim(3)?;
+        let whole = check(case, DType::F32, DecodeOptions::default(), "image", F32)?;
+        for chunk in [1, 7, positions - 1] {
+            ensure!(chunk < positions && (chunk == 1 || positions % chunk != 0), "{case}: chunk {chunk} must chunk");
+            let options = DecodeOptions { attention_chunk: Some(chunk), ..DecodeOptions::default() };
+            let chunked = check(case, DType::F32, options, "image", F32)?;
+            ensure_close(&format!("{case}: chunk {chunk} vs unchunked"), &chunked, &whole, 1e-5 * scale(&whole)?)?;
+        }
     }
     Ok(())
 }

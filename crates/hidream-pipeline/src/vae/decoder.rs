@@ -3,16 +3,16 @@
 //! candle-transformers has this exact network as `stable_diffusion::vae::Decoder`, but it is private:
 //! its only door is `AutoEncoderKL::new`, which also builds (and loads the weights of) the encoder,
 //! about 34M parameters that decoding never uses. This file rebuilds the decoder from the public
-//! blocks that the private one uses (`UNetMidBlock2D`, `UpDecoderBlock2D`) with the same settings,
-//! so only `decoder.*` (and `post_quant_conv.*` where the config has it) is loaded.
+//! blocks that the private one uses (`UpDecoderBlock2D`, and the resnets of `UNetMidBlock2D`, whose
+//! attention is ours so that it can run in query chunks: see `mid_block.rs`) with the same
+//! settings, so only `decoder.*` (and `post_quant_conv.*` where the config has it) is loaded.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
-};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{UpDecoderBlock2D, UpDecoderBlock2DConfig};
 
 use super::VaeConfig;
+use super::mid_block::MidBlock;
 
 /// diffusers hard-codes this epsilon for every GroupNorm of the decoder (`vae.py`, `Decoder`).
 const NORM_EPS: f64 = 1e-6;
@@ -23,7 +23,7 @@ const NORM_EPS: f64 = 1e-6;
 #[derive(Debug)]
 pub(super) struct Decoder {
     conv_in: Conv2d,
-    mid_block: UNetMidBlock2D,
+    mid_block: MidBlock,
     up_blocks: Vec<UpDecoderBlock2D>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -38,15 +38,8 @@ impl Decoder {
         };
         let same_size = Conv2dConfig { padding: 1, ..Default::default() };
         let conv_in = candle_nn::conv2d(cfg.latent_channels, last_channels, 3, same_size, vb.pp("conv_in"))?;
-        let mid_cfg = UNetMidBlock2DConfig {
-            num_layers: 1,
-            resnet_eps: NORM_EPS,
-            resnet_groups: Some(cfg.norm_num_groups),
-            // One head over all channels: diffusers passes attention_head_dim = block_out_channels[-1].
-            attn_num_head_channels: None,
-            output_scale_factor: 1.0,
-        };
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), last_channels, None, mid_cfg)?;
+        // One head over all channels: diffusers passes attention_head_dim = block_out_channels[-1].
+        let mid_block = MidBlock::new(vb.pp("mid_block"), last_channels, cfg.norm_num_groups, NORM_EPS)?;
 
         let reversed: Vec<usize> = channels.iter().rev().copied().collect();
         let mut up_blocks = Vec::with_capacity(reversed.len());
@@ -70,17 +63,17 @@ impl Decoder {
     }
 }
 
-impl Module for Decoder {
-    fn forward(&self, latents: &Tensor) -> Result<Tensor> {
-        let mut xs = self.mid_block_per_image(&latents.apply(&self.conv_in)?)?;
+impl Decoder {
+    /// The decoder on `[B, latent_channels, h, w]`, with the mid block's attention in chunks of
+    /// `attention_chunk` latent positions (see [`MidBlock`]).
+    pub(super) fn forward(&self, latents: &Tensor, attention_chunk: Option<usize>) -> Result<Tensor> {
+        let mut xs = self.mid_block_per_image(&latents.apply(&self.conv_in)?, attention_chunk)?;
         for up_block in &self.up_blocks {
             xs = xs.apply(up_block)?;
         }
         candle_nn::ops::silu(&xs.apply(&self.conv_norm_out)?)?.apply(&self.conv_out)
     }
-}
 
-impl Decoder {
     /// The mid block, one image at a time.
     ///
     /// Its attention feeds a transposed `[B, HW, C]` view to the q/k/v `Linear`s, and candle-core
@@ -88,13 +81,14 @@ impl Decoder {
     /// adjacent, so every image after the first is computed from the wrong rows (upstream fix
     /// pending: huggingface/candle#3758). Attention never mixes images, so this changes nothing but
     /// the bug; it also bounds the attention matrix to one image's.
-    fn mid_block_per_image(&self, xs: &Tensor) -> Result<Tensor> {
+    fn mid_block_per_image(&self, xs: &Tensor, attention_chunk: Option<usize>) -> Result<Tensor> {
         let batch = xs.dim(0)?;
         if batch == 1 {
-            return self.mid_block.forward(xs, None);
+            return self.mid_block.forward(xs, attention_chunk);
         }
-        let images =
-            (0..batch).map(|idx| self.mid_block.forward(&xs.narrow(0, idx, 1)?, None)).collect::<Result<Vec<_>>>()?;
+        let images = (0..batch)
+            .map(|idx| self.mid_block.forward(&xs.narrow(0, idx, 1)?, attention_chunk))
+            .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&images, 0)
     }
 }
