@@ -51,6 +51,23 @@ pub trait UnitLoader: Send + Sync + 'static {
     fn record_consumed(&self) -> Self::Fence;
 }
 
+/// Takes a load's result: the unit, once its size is the planned one and the consumer waits on
+/// its ready fence. The one check every load goes through, resident or streamed.
+pub(crate) fn accept<L: UnitLoader>(
+    loader: &L,
+    unit_idx: usize,
+    planned: u64,
+    result: Result<Ready<L::Unit, L::Fence>, L::Error>,
+) -> Result<L::Unit, crate::ScheduleError<L::Error>> {
+    let Ready { unit, ready, bytes_loaded } =
+        result.map_err(|source| crate::ScheduleError::Load { unit_idx, source })?;
+    if bytes_loaded != planned {
+        return Err(crate::ResidencyError::SizeMismatch { unit_idx, planned, loaded: bytes_loaded }.into());
+    }
+    loader.wait_ready(&ready).map_err(|source| crate::ScheduleError::Load { unit_idx, source })?;
+    Ok(unit)
+}
+
 /// A unit just loaded, with its ready fence and the bytes it filled.
 #[derive(Debug)]
 pub struct Ready<U, F> {

@@ -17,7 +17,7 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use crate::ledger::{BudgetLedger, Reservation};
-use crate::loader::{Ready, SlotBuffer, UnitLoader};
+use crate::loader::{SlotBuffer, UnitLoader, accept};
 use crate::schedule::{Loaded, PrefetchStats, Prefetcher};
 use crate::slots::SlotPool;
 use crate::{Plan, ResidencyError, ScheduleError, UnitSpec};
@@ -71,12 +71,7 @@ impl<L: UnitLoader> Residency<L> {
                 source,
             })?;
             let mut buffer = SlotBuffer::new(usize::MAX, spec.bytes, buffer);
-            let Ready { unit, ready, bytes_loaded } =
-                loader.load_into(unit_idx, &mut buffer).map_err(|source| ScheduleError::Load { unit_idx, source })?;
-            if bytes_loaded != spec.bytes {
-                return Err(ResidencyError::SizeMismatch { unit_idx, planned: spec.bytes, loaded: bytes_loaded }.into());
-            }
-            loader.wait_ready(&ready).map_err(|source| ScheduleError::Load { unit_idx, source })?;
+            let unit = accept(&*loader, unit_idx, spec.bytes, loader.load_into(unit_idx, &mut buffer))?;
             resident[unit_idx] = Some(ResidentUnit { unit, _buffer: buffer, _reservation: reservation });
         }
         Ok(Residency {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::loader::{Ready, SlotBuffer, UnitLoader};
+use crate::loader::{SlotBuffer, UnitLoader, accept};
 use crate::slots::SlotPool;
 use crate::{MemoryError, ResidencyError, ScheduleError, UnitSpec};
 use worker::{Counters, Delivery, SlotLease, Worker};
@@ -213,11 +213,7 @@ impl<L: UnitLoader> Prefetcher<L> {
         let Delivery { unit_idx, result, lease } = delivery;
         let (expected_idx, planned) = self.order[self.pass_position()];
         debug_assert_eq!(unit_idx, expected_idx, "units arrive in order");
-        let Ready { unit, ready, bytes_loaded } = result.map_err(|source| ScheduleError::Load { unit_idx, source })?;
-        if bytes_loaded != planned {
-            return Err(ResidencyError::SizeMismatch { unit_idx, planned, loaded: bytes_loaded }.into());
-        }
-        self.loader.wait_ready(&ready).map_err(|source| ScheduleError::Load { unit_idx, source })?;
+        let unit = accept(&*self.loader, unit_idx, planned, result)?;
         Ok((unit_idx, unit, lease))
     }
 
