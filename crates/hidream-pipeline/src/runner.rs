@@ -31,7 +31,7 @@ use hidream_model::{
 };
 use hidream_weights::Checkpoint;
 
-pub use loader::{CheckpointLoader, LoadedUnit, Part};
+pub use loader::{CheckpointLoader, LoadedUnit, Part, part_spec, prepare_parts};
 use provider::PassUnits;
 
 use crate::units::{Precompute, UnitTable};
@@ -289,16 +289,10 @@ pub fn minimum_budget(
     Plan::minimum_budget_with_scratch(table.specs(), prefetch, prepare_scratch_bytes(cfg, dtype, precompute))
 }
 
-/// The precomputation's layers, as [`CheckpointLoader::for_prepare`] lists them, with their bytes.
+/// The precomputation's layers, as [`CheckpointLoader::for_prepare`] loads them, with their bytes.
 fn prepare_specs(cfg: &TransformerConfig, dtype: hidream_config::DType) -> Vec<UnitSpec> {
     let sizes = SizeModel::new(cfg);
-    let captions =
-        (0..=cfg.n_blocks()).map(|idx| sizes.unit_size(hidream_config::Unit::CaptionProjection(idx)).bytes(dtype));
-    let blocks = (0..cfg.num_layers)
-        .map(hidream_config::Unit::DoubleBlock)
-        .chain((0..cfg.num_single_layers).map(hidream_config::Unit::SingleBlock))
-        .map(|unit| (sizes.unit_size(unit).modulation_params * dtype.size_in_bytes()) as u64);
-    captions.chain(blocks).map(UnitSpec::streamable).collect()
+    prepare_parts(cfg).into_iter().map(|part| part_spec(&sizes, part, dtype)).collect()
 }
 
 /// One pass over the precomputation's layers: caption projections, then modulation.

@@ -75,13 +75,9 @@ impl CheckpointLoader {
         Self::new(checkpoint, cfg, parts, dtype, device)
     }
 
-    /// A loader of the per-prompt precomputation's layers: every caption projection, then every
-    /// block's modulation layer, in forward order.
+    /// A loader of the per-prompt precomputation's layers, as [`prepare_parts`] lists them.
     pub fn for_prepare(checkpoint: Checkpoint, cfg: TransformerConfig, dtype: DType, device: Device) -> Result<Self> {
-        let captions = (0..=cfg.n_blocks()).map(|idx| Part::Whole(Unit::CaptionProjection(idx)));
-        let blocks =
-            (0..cfg.num_layers).map(Unit::DoubleBlock).chain((0..cfg.num_single_layers).map(Unit::SingleBlock));
-        let parts = captions.chain(blocks.map(Part::Modulation)).collect();
+        let parts = prepare_parts(&cfg);
         Self::new(checkpoint, cfg, parts, dtype, device)
     }
 
@@ -99,22 +95,6 @@ impl CheckpointLoader {
     /// The parts, by unit index.
     pub fn parts(&self) -> &[Part] {
         &self.parts
-    }
-
-    /// The planner's view of the parts: their bytes in the compute dtype, from the size model.
-    /// (A step's units come from the [`UnitTable`] instead, which is the same figure.)
-    pub fn specs(&self, sizes: &SizeModel, dtype: hidream_config::DType) -> Vec<UnitSpec> {
-        self.parts
-            .iter()
-            .map(|&part| {
-                let size = sizes.unit_size(part.unit());
-                UnitSpec::streamable(match part {
-                    Part::Whole(_) => size.bytes(dtype),
-                    Part::WithoutModulation(_) => size.bytes_without_modulation(dtype),
-                    Part::Modulation(_) => (size.modulation_params * dtype.size_in_bytes()) as u64,
-                })
-            })
-            .collect()
     }
 
     /// Loads part `unit_idx` into `buffer`.
@@ -158,6 +138,24 @@ impl CheckpointLoader {
         };
         Ok((unit, loaded.bytes))
     }
+}
+
+/// The per-prompt precomputation's layers: every caption projection, then every block's
+/// modulation layer, in forward order.
+pub fn prepare_parts(cfg: &TransformerConfig) -> Vec<Part> {
+    let captions = (0..=cfg.n_blocks()).map(|idx| Part::Whole(Unit::CaptionProjection(idx)));
+    let blocks = (0..cfg.num_layers).map(Unit::DoubleBlock).chain((0..cfg.num_single_layers).map(Unit::SingleBlock));
+    captions.chain(blocks.map(Part::Modulation)).collect()
+}
+
+/// The planner's view of a part: its bytes in `dtype`, from the size model.
+pub fn part_spec(sizes: &SizeModel, part: Part, dtype: hidream_config::DType) -> UnitSpec {
+    let size = sizes.unit_size(part.unit());
+    UnitSpec::streamable(match part {
+        Part::Whole(_) => size.bytes(dtype),
+        Part::WithoutModulation(_) => size.bytes_without_modulation(dtype),
+        Part::Modulation(_) => (size.modulation_params * dtype.size_in_bytes()) as u64,
+    })
 }
 
 /// The checkpoint keys of a part, sorted, so that its buffer layout is the same at every load.
