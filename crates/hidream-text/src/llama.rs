@@ -201,24 +201,15 @@ impl LlamaStem {
         // The embedding table (1 GB in bf16 for Llama-3.1-8B) is not loaded: each pass reads only
         // its tokens' rows. Its shape is checked now, before any long work.
         let expected = [config.vocab_size, config.hidden_size];
-        match checkpoint.tensor_info(EMBED_TOKENS) {
-            Some(info) if info.shape == expected => {}
-            Some(info) => {
-                return Err(hidream_weights::WeightsError::ShapeMismatch {
-                    file: info.file,
-                    tensor: EMBED_TOKENS.to_owned(),
-                    expected: expected.to_vec(),
-                    actual: info.shape,
-                }
-                .into());
+        let info = checkpoint.require_tensor(EMBED_TOKENS)?;
+        if info.shape != expected {
+            return Err(hidream_weights::WeightsError::ShapeMismatch {
+                file: info.file,
+                tensor: EMBED_TOKENS.to_owned(),
+                expected: expected.to_vec(),
+                actual: info.shape,
             }
-            None => {
-                return Err(hidream_weights::WeightsError::MissingTensor {
-                    file: checkpoint.files().next().map(Path::to_owned).unwrap_or_default(),
-                    tensor: EMBED_TOKENS.to_owned(),
-                }
-                .into());
-            }
+            .into());
         }
         let norm = candle_nn::rms_norm(config.hidden_size, config.rms_norm_eps, vb.pp("model.norm"))?;
         Ok(LlamaStem { config, tokenizer, checkpoint, norm, inv_freq, dtype, device: device.clone() })

@@ -129,6 +129,13 @@ impl Checkpoint {
         })
     }
 
+    /// [`Checkpoint::tensor_info`], or `MissingTensor` naming the checkpoint when it lacks `name`.
+    pub fn require_tensor(&self, name: &str) -> Result<TensorInfo> {
+        self.locate(name)?;
+        self.tensor_info(name)
+            .ok_or_else(|| WeightsError::MissingTensor { file: self.inner.source.clone(), tensor: name.to_owned() })
+    }
+
     /// The number of elements of a tensor: the length of the buffer [`Checkpoint::read_into`]
     /// fills.
     pub fn tensor_numel(&self, name: &str) -> Result<usize> {

@@ -14,7 +14,6 @@
 
 use std::collections::HashMap;
 
-use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
@@ -78,10 +77,7 @@ impl Checkpoint {
         let mut tensors = HashMap::with_capacity(names.len());
         let mut offset = 0usize;
         for &name in names {
-            let info = self.tensor_info(name).ok_or_else(|| WeightsError::MissingTensor {
-                file: self.files().next().map(Path::to_owned).unwrap_or_default(),
-                tensor: name.to_owned(),
-            })?;
+            let info = self.require_tensor(name)?;
             let elements: usize = info.shape.iter().product();
             let candle_error = |source| WeightsError::Candle {
                 file: info.file.clone(),
