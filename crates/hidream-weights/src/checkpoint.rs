@@ -179,6 +179,31 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Reads the stored bytes `offset..offset + out.len()` of tensor `name` into `out`, as they are
+    /// in the file (little-endian, in the stored dtype), with a positioned read (`pread`) rather
+    /// than through the map: the path of a staging buffer that the bytes go to the GPU from. A shard
+    /// truncated since it was opened is `ShardChanged`, not a fault.
+    ///
+    /// Errors: `MissingTensor`, `BadOffsets` for a range past the tensor's end, `ShardChanged`, and
+    /// `Io` for any other read error.
+    pub fn read_stored(&self, name: &str, offset: u64, out: &mut [u8]) -> Result<()> {
+        let location = self.locate(name)?;
+        let shard = &self.inner.files[location.shard];
+        let range = &location.entry.range;
+        let start = range.start as u64 + offset;
+        let end = start + out.len() as u64;
+        if end > range.end as u64 {
+            let problem = format!("bytes {offset}..{} of a tensor of {} bytes", offset + out.len() as u64, range.len());
+            return Err(WeightsError::BadOffsets { file: shard.path.clone(), tensor: name.to_owned(), problem });
+        }
+        shard.map.read_at(start, out).map_err(|source| match source.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                WeightsError::ShardChanged { file: shard.path.clone(), tensor: name.to_owned(), needed: end }
+            }
+            _ => WeightsError::Io { path: shard.path.clone(), source },
+        })
+    }
+
     /// Rows `rows` of the 2-D tensor `name` (`[n_rows, width]`), converted to `dtype` on `device`:
     /// `[rows.len(), width]`. Only those rows' bytes are read, so an embedding table need not be
     /// loaded to embed a few tokens; the values are those of [`Checkpoint::load`] followed by

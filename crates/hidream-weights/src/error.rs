@@ -134,6 +134,17 @@ pub enum WeightsError {
     )]
     BufferTooSmall { file: PathBuf, tensor: String, offset: u64, needed: u64, capacity: u64 },
 
+    /// A shard is shorter now than when the checkpoint was opened: it was truncated or replaced
+    /// under the run.
+    #[error(
+        "{file} changed while it was in use: tensor `{tensor}` ends at byte {needed}, but the file now ends before          it; do not modify a checkpoint while it runs, and run again"
+    )]
+    ShardChanged { file: PathBuf, tensor: String, needed: u64 },
+
+    /// The CUDA driver failed while the weights moved to the GPU.
+    #[error("CUDA failed while {doing}: {message}")]
+    Cuda { doing: String, message: String },
+
     /// A buffer or target of a dtype weights cannot be converted to.
     #[error("weights cannot be converted to {dtype:?}: use f32, f16 or bf16")]
     BufferDtype { dtype: candle_core::DType },

@@ -53,5 +53,5 @@ pub use inputs::{InputSpec, synthetic_inputs};
 pub use inputs::{read_tensors, write_tensors};
 #[cfg(feature = "synth")]
 pub use synth::{SynthOptions, SynthSummary, write_synthetic};
-pub use unit_buffer::{LoadedTensors, UnitBuffer};
+pub use unit_buffer::{LoadedTensors, Placed, UnitBuffer};
 pub use var_builder::unit_var_builder;

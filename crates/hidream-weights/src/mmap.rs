@@ -15,6 +15,8 @@ use crate::error::io_error;
 #[derive(Debug)]
 pub(crate) struct MappedFile {
     map: Mmap,
+    /// The same file, for positioned reads that do not touch the map.
+    file: File,
 }
 
 impl MappedFile {
@@ -30,12 +32,28 @@ impl MappedFile {
         // its callers, and this crate itself never writes a file it has open (the synthetic writers
         // write into a fresh temporary path and rename it into place).
         let map = unsafe { map(&file) }.map_err(io_error(path))?;
-        Ok(MappedFile { map })
+        Ok(MappedFile { map, file })
     }
 
     /// The bytes of the whole file.
     pub(crate) fn bytes(&self) -> &[u8] {
         &self.map
+    }
+
+    /// Reads `out.len()` bytes at `offset` with `pread`, not through the map: a file truncated
+    /// since it was opened gives an `UnexpectedEof` error here where the map would fault.
+    #[cfg(unix)]
+    pub(crate) fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(&self.file, out, offset)
+    }
+
+    /// Copies the bytes from the map where there is no `pread`.
+    #[cfg(not(unix))]
+    pub(crate) fn read_at(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| std::io::ErrorKind::UnexpectedEof)?;
+        let bytes = self.map.get(start..start + out.len()).ok_or(std::io::ErrorKind::UnexpectedEof)?;
+        out.copy_from_slice(bytes);
+        Ok(())
     }
 }
 

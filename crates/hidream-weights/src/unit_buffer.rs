@@ -64,50 +64,109 @@ impl UnitBuffer {
     }
 }
 
+/// Where one tensor of a unit lies in a buffer ([`UnitBuffer::place`]): for a device tier that
+/// fills the buffer itself, such as one that copies the stored bytes to a GPU.
+#[derive(Debug, Clone)]
+pub struct Placed<'a> {
+    pub name: &'a str,
+    /// The file that holds it.
+    pub file: std::path::PathBuf,
+    /// The dtype it is stored in.
+    pub stored: safetensors::Dtype,
+    pub shape: Vec<usize>,
+    /// Its first element in the buffer.
+    pub offset: usize,
+    pub elements: usize,
+}
+
+impl Placed<'_> {
+    /// Wraps a candle error as this tensor's.
+    pub fn candle_error(&self) -> impl Fn(candle_core::Error) -> WeightsError + '_ {
+        |source| WeightsError::Candle {
+            file: self.file.clone(),
+            tensor: self.name.to_owned(),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl UnitBuffer {
+    /// Lays `names` out, in order, in consecutive ranges of the buffer, checking that they fit:
+    /// the layout [`Checkpoint::load_into_buffer`] fills.
+    pub fn place<'a>(&self, checkpoint: &Checkpoint, names: &[&'a str]) -> Result<Vec<Placed<'a>>> {
+        let element_bytes = self.flat.dtype().size_in_bytes() as u64;
+        let mut offset = 0usize;
+        names
+            .iter()
+            .map(|&name| {
+                let info = checkpoint.require_tensor(name)?;
+                let elements: usize = info.shape.iter().product();
+                if offset + elements > self.flat.elem_count() {
+                    return Err(WeightsError::BufferTooSmall {
+                        file: info.file,
+                        tensor: name.to_owned(),
+                        offset: offset as u64 * element_bytes,
+                        needed: elements as u64 * element_bytes,
+                        capacity: self.bytes(),
+                    });
+                }
+                let placed = Placed { name, file: info.file, stored: info.dtype, shape: info.shape, offset, elements };
+                offset += elements;
+                Ok(placed)
+            })
+            .collect()
+    }
+
+    /// The placed tensors as views (`narrow` + `reshape`) into the buffer, once their bytes are
+    /// in it.
+    pub fn views(&self, placed: &[Placed<'_>]) -> Result<LoadedTensors> {
+        let mut tensors = HashMap::with_capacity(placed.len());
+        for tensor in placed {
+            let view = self
+                .flat
+                .narrow(0, tensor.offset, tensor.elements)
+                .and_then(|view| view.reshape(tensor.shape.as_slice()))
+                .map_err(tensor.candle_error())?;
+            tensors.insert(tensor.name.to_owned(), view);
+        }
+        let elements = placed.last().map_or(0, |last| last.offset + last.elements);
+        Ok(LoadedTensors { tensors, bytes: (elements * self.flat.dtype().size_in_bytes()) as u64 })
+    }
+
+    /// The flat tensor itself (for a device tier that fills it).
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+}
+
 impl Checkpoint {
     /// Loads the tensors `names`, in order, into consecutive ranges of `buffer`, converted to the
     /// buffer's dtype, and returns them as views into it.
     ///
-    /// On the CPU the bytes go straight from the mapped file into the buffer. Other devices do
-    /// not have that path yet: there the tensors are read as [`Checkpoint::load`] reads them, and
-    /// the buffer is left unused.
+    /// On the CPU the bytes go straight from the mapped file into the buffer. Other devices go
+    /// through their device tier (`hidream-device`) (staged copies on CUDA); called on one here, the tensors
+    /// are read as [`Checkpoint::load`] reads them, and the buffer is left unused.
     pub fn load_into_buffer(&self, names: &[&str], buffer: &mut UnitBuffer) -> Result<LoadedTensors> {
-        let dtype = buffer.dtype();
-        let element_bytes = dtype.size_in_bytes() as u64;
-        let mut tensors = HashMap::with_capacity(names.len());
-        let mut offset = 0usize;
-        for &name in names {
-            let info = self.require_tensor(name)?;
-            let elements: usize = info.shape.iter().product();
-            let candle_error = |source| WeightsError::Candle {
-                file: info.file.clone(),
-                tensor: name.to_owned(),
-                source: Box::new(source),
-            };
-            let tensor = if buffer.device().is_cpu() {
-                if offset + elements > buffer.flat.elem_count() {
-                    return Err(WeightsError::BufferTooSmall {
-                        file: info.file.clone(),
-                        tensor: name.to_owned(),
-                        offset: offset as u64 * element_bytes,
-                        needed: elements as u64 * element_bytes,
-                        capacity: buffer.bytes(),
-                    });
-                }
-                let view = buffer.flat.narrow(0, offset, elements).map_err(candle_error)?;
-                let fill = Fill { checkpoint: self, name, error: Mutex::new(None) };
-                if let Err(source) = view.inplace_op1(&fill) {
-                    let kept = fill.error.into_inner().unwrap_or_else(PoisonError::into_inner);
-                    return Err(kept.unwrap_or_else(|| candle_error(source)));
-                }
-                view.reshape(info.shape.as_slice()).map_err(candle_error)?
-            } else {
-                self.load(name, dtype, buffer.device())?
-            };
-            offset += elements;
-            tensors.insert(name.to_owned(), tensor);
+        if !buffer.device().is_cpu() {
+            let mut tensors = HashMap::with_capacity(names.len());
+            let mut bytes = 0;
+            for &name in names {
+                let tensor = self.load(name, buffer.dtype(), buffer.device())?;
+                bytes += (tensor.elem_count() * buffer.dtype().size_in_bytes()) as u64;
+                tensors.insert(name.to_owned(), tensor);
+            }
+            return Ok(LoadedTensors { tensors, bytes });
         }
-        Ok(LoadedTensors { tensors, bytes: offset as u64 * element_bytes })
+        let placed = buffer.place(self, names)?;
+        for tensor in &placed {
+            let view = buffer.flat.narrow(0, tensor.offset, tensor.elements).map_err(tensor.candle_error())?;
+            let fill = Fill { checkpoint: self, name: tensor.name, error: Mutex::new(None) };
+            if let Err(source) = view.inplace_op1(&fill) {
+                let kept = fill.error.into_inner().unwrap_or_else(PoisonError::into_inner);
+                return Err(kept.unwrap_or_else(|| tensor.candle_error()(source)));
+            }
+        }
+        buffer.views(&placed)
     }
 }
 
