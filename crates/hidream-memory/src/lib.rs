@@ -12,6 +12,9 @@
 //! - [`BudgetLedger`] accounts every byte of unit weights on the device tier against a budget,
 //!   with current and peak figures: the planned bytes, reserved before each buffer is allocated.
 //! - [`CountingAllocator`] counts heap bytes: on a CPU-only run, the measured peak.
+//! - [`staged`] is the host side of a GPU loader: a unit's bytes go through two reusable staging
+//!   buffers and a copy queue, ordered by events ([`staged::Stager`] over [`staged::CopyQueues`]).
+//!   [`staged::ThreadQueues`] runs the same protocol on CPU threads, for the tests.
 //!
 //! This crate knows no HiDream types, no candle and no files: a unit is a size and an index, and
 //! loading one is the business of whoever implements [`UnitLoader`].
@@ -73,6 +76,7 @@ mod plan;
 mod residency;
 mod schedule;
 mod slots;
+pub mod staged;
 
 pub use alloc::CountingAllocator;
 pub use bytes::{Budget, format_bytes, parse_bytes};
