@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use hidream_config::{SizeModel, TransformerConfig};
+use hidream_device::DeviceTier;
 use hidream_memory::{BudgetLedger, Plan, Policy, PrefetchStats, Residency, ScheduleError, UnitSpec};
 use hidream_model::{
     AttentionConfig, HiDreamTransformer, Modulation, StepInputs, StepModulation, TextTokens, TransformerInputs,
@@ -73,7 +74,8 @@ pub struct TransformerRunner {
     cfg: TransformerConfig,
     config: RunnerConfig,
     checkpoint: Checkpoint,
-    device: Device,
+    /// How units reach the device; shared by the steps' loader and the precomputation's.
+    tier: DeviceTier,
     table: UnitTable,
     steps: Residency<CheckpointLoader>,
     transformer: HiDreamTransformer,
@@ -96,7 +98,8 @@ impl TransformerRunner {
         let scratch_bytes = prepare_scratch_bytes(&cfg, config.compute_dtype, config.precompute);
         let plan = config.policy.plan_with_scratch(table.specs(), scratch_bytes)?;
         let ledger = Arc::new(BudgetLedger::new(config.policy.budget_bytes()));
-        let loader = CheckpointLoader::for_steps(checkpoint.clone(), cfg.clone(), &table, dtype, device.clone())?;
+        let tier = DeviceTier::for_device(device)?;
+        let loader = CheckpointLoader::for_steps(checkpoint.clone(), cfg.clone(), &table, dtype, tier.clone())?;
         let steps = Residency::new(Arc::new(loader), table.specs(), plan, ledger).map_err(ScheduleError::into_error)?;
         let embedders = table
             .index_of(hidream_config::Unit::Embedders)
@@ -111,7 +114,7 @@ impl TransformerRunner {
             cfg,
             config,
             checkpoint,
-            device: device.clone(),
+            tier,
             table,
             steps,
             transformer,
@@ -129,6 +132,11 @@ impl TransformerRunner {
     }
 
     /// The residency plan of the steps.
+    /// The compute device.
+    pub fn device(&self) -> Device {
+        self.tier.device()
+    }
+
     pub fn plan(&self) -> &Plan {
         self.steps.plan()
     }
@@ -213,7 +221,7 @@ impl TransformerRunner {
         self.steps.release_slots();
         let cfg = self.cfg.clone();
         let dtype = self.transformer.dtype();
-        let loader = CheckpointLoader::for_prepare(self.checkpoint.clone(), cfg.clone(), dtype, self.device.clone())?;
+        let loader = CheckpointLoader::for_prepare(self.checkpoint.clone(), cfg.clone(), dtype, self.tier.clone())?;
         let specs = prepare_specs(&cfg, self.config.compute_dtype);
         let ledger = Arc::clone(self.steps.ledger());
         let room = ledger.budget_bytes().map(|budget| budget.saturating_sub(ledger.current_bytes()));

@@ -10,10 +10,11 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use hidream_device::{DeviceBuffer, DeviceTier, TierFence};
 use hidream_memory::{
     BudgetLedger, Plan, Policy, PrefetchStats, Ready, Residency, ScheduleError, SlotBuffer, UnitLoader, UnitSpec,
 };
-use hidream_weights::{Checkpoint, UnitBuffer};
+use hidream_weights::Checkpoint;
 
 use crate::llama::{LlamaLayer, LlamaStem};
 use crate::t5::{T5Block, T5Stem};
@@ -62,7 +63,8 @@ pub fn run_layers<S: LayerStack>(
     let (names, specs) = LayerLoader::layout(&**stack)?;
     let plan = policy.plan(&specs)?;
     let ledger = Arc::new(BudgetLedger::new(policy.budget_bytes()));
-    let loader = Arc::new(LayerLoader { stack: Arc::clone(stack), names });
+    let tier = DeviceTier::for_device(stack.device())?;
+    let loader = Arc::new(LayerLoader { stack: Arc::clone(stack), tier, names });
     let mut layers =
         Residency::new(loader, &specs, plan.clone(), Arc::clone(&ledger)).map_err(ScheduleError::into_error)?;
     layers.expect_passes(1);
@@ -166,6 +168,7 @@ impl LayerStack for T5Stem {
 /// Loads a stack's layers into unit buffers for the runtime.
 struct LayerLoader<S> {
     stack: Arc<S>,
+    tier: DeviceTier,
     /// The checkpoint keys of each layer, sorted: its layout in a buffer.
     names: Vec<Vec<String>>,
 }
@@ -199,32 +202,37 @@ impl<S: LayerStack> LayerLoader<S> {
     }
 }
 
-/// On the CPU both fences are complete at once (see the transformer's loader).
+/// The fences are the device tier's (see the transformer's loader).
 impl<S: LayerStack> UnitLoader for LayerLoader<S> {
-    type Buffer = UnitBuffer;
+    type Buffer = DeviceBuffer;
     type Unit = S::Layer;
-    type Fence = ();
+    type Fence = TierFence;
     type Error = TextError;
 
-    fn allocate(&self, bytes: u64) -> Result<UnitBuffer> {
-        Ok(UnitBuffer::new(bytes, self.stack.dtype(), self.stack.device())?)
+    fn allocate(&self, bytes: u64) -> Result<DeviceBuffer> {
+        Ok(self.tier.allocate(bytes, self.stack.dtype())?)
     }
 
-    fn load_into(&self, layer_idx: usize, slot: &mut SlotBuffer<UnitBuffer, ()>) -> Result<Ready<S::Layer, ()>> {
+    fn load_into(
+        &self,
+        layer_idx: usize,
+        slot: &mut SlotBuffer<DeviceBuffer, TierFence>,
+    ) -> Result<Ready<S::Layer, TierFence>> {
         let names = self.names.get(layer_idx).ok_or_else(|| {
             TextError::invalid(format!("layer {layer_idx}"), format!("out of {} layers", self.names.len()))
         })?;
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let (buffer, _consumed) = slot.reuse();
-        let loaded = self.stack.checkpoint().load_into_buffer(&names, buffer)?;
+        let (loaded, ready) = self.tier.load(self.stack.checkpoint(), &names, slot)?;
         let vb = hidream_weights::unit_var_builder(loaded.tensors, self.stack.dtype(), self.stack.device());
         let unit = self.stack.build_layer(layer_idx, vb)?;
-        Ok(Ready { unit, ready: (), bytes_loaded: loaded.bytes })
+        Ok(Ready { unit, ready, bytes_loaded: loaded.bytes })
     }
 
-    fn wait_ready(&self, _ready: &()) -> Result<()> {
-        Ok(())
+    fn wait_ready(&self, ready: &TierFence) -> Result<()> {
+        Ok(self.tier.wait_ready(ready)?)
     }
 
-    fn record_consumed(&self) {}
+    fn record_consumed(&self) -> TierFence {
+        self.tier.record_consumed()
+    }
 }

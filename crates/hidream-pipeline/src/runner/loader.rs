@@ -2,11 +2,12 @@
 //! the transformer, both for the units of a step and for the layers of the per-prompt
 //! precomputation.
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use hidream_config::{SizeModel, TransformerConfig, Unit};
+use hidream_device::{DeviceBuffer, DeviceTier, TierFence};
 use hidream_memory::{Ready, SlotBuffer, UnitLoader, UnitSpec};
 use hidream_model::{BlockModulation, DoubleStreamBlock, Embedders, SingleStreamBlock, TextProjection};
-use hidream_weights::{Checkpoint, UnitBuffer};
+use hidream_weights::Checkpoint;
 
 use crate::units::{UnitTable, modulation_prefix};
 use crate::{PipelineError, Result};
@@ -42,7 +43,7 @@ impl Part {
 }
 
 /// Loads the parts of a list (a step's units, or the precomputation's layers) from a
-/// memory-mapped checkpoint into unit buffers, converting to the compute dtype on the way.
+/// checkpoint into unit buffers on the device tier, converting to the compute dtype on the way.
 #[derive(Debug)]
 pub struct CheckpointLoader {
     checkpoint: Checkpoint,
@@ -51,7 +52,7 @@ pub struct CheckpointLoader {
     /// The checkpoint keys of each part, in the order they are laid out in its buffer.
     names: Vec<Vec<String>>,
     dtype: DType,
-    device: Device,
+    tier: DeviceTier,
 }
 
 impl CheckpointLoader {
@@ -61,7 +62,7 @@ impl CheckpointLoader {
         cfg: TransformerConfig,
         table: &UnitTable,
         dtype: DType,
-        device: Device,
+        tier: DeviceTier,
     ) -> Result<Self> {
         let per_prompt = table.precompute().is_per_prompt();
         let parts = table
@@ -72,13 +73,13 @@ impl CheckpointLoader {
                 _ => Part::Whole(unit),
             })
             .collect();
-        Self::new(checkpoint, cfg, parts, dtype, device)
+        Self::new(checkpoint, cfg, parts, dtype, tier)
     }
 
     /// A loader of the per-prompt precomputation's layers, as [`prepare_parts`] lists them.
-    pub fn for_prepare(checkpoint: Checkpoint, cfg: TransformerConfig, dtype: DType, device: Device) -> Result<Self> {
+    pub fn for_prepare(checkpoint: Checkpoint, cfg: TransformerConfig, dtype: DType, tier: DeviceTier) -> Result<Self> {
         let parts = prepare_parts(&cfg);
-        Self::new(checkpoint, cfg, parts, dtype, device)
+        Self::new(checkpoint, cfg, parts, dtype, tier)
     }
 
     fn new(
@@ -86,10 +87,10 @@ impl CheckpointLoader {
         cfg: TransformerConfig,
         parts: Vec<Part>,
         dtype: DType,
-        device: Device,
+        tier: DeviceTier,
     ) -> Result<Self> {
         let names = parts.iter().map(|&part| part_names(&checkpoint, part)).collect::<Result<Vec<_>>>()?;
-        Ok(Self { checkpoint, cfg, parts, names, dtype, device })
+        Ok(Self { checkpoint, cfg, parts, names, dtype, tier })
     }
 
     /// The parts, by unit index.
@@ -97,8 +98,12 @@ impl CheckpointLoader {
         &self.parts
     }
 
-    /// Loads part `unit_idx` into `buffer`.
-    fn load(&self, unit_idx: usize, buffer: &mut UnitBuffer) -> Result<(LoadedUnit, u64)> {
+    /// Loads part `unit_idx` into `slot`: the unit, its ready fence and the bytes filled.
+    fn load(
+        &self,
+        unit_idx: usize,
+        slot: &mut SlotBuffer<DeviceBuffer, TierFence>,
+    ) -> Result<Ready<LoadedUnit, TierFence>> {
         let (Some(&part), Some(names)) = (self.parts.get(unit_idx), self.names.get(unit_idx)) else {
             return Err(PipelineError::invalid(
                 format!("unit {unit_idx}"),
@@ -106,8 +111,8 @@ impl CheckpointLoader {
             ));
         };
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
-        let loaded = self.checkpoint.load_into_buffer(&names, buffer)?;
-        let vb = hidream_weights::unit_var_builder(loaded.tensors, self.dtype, &self.device);
+        let (loaded, ready) = self.tier.load(&self.checkpoint, &names, slot)?;
+        let vb = hidream_weights::unit_var_builder(loaded.tensors, self.dtype, &self.tier.device());
         let cfg = &self.cfg;
         let unit = match part {
             Part::Whole(Unit::Embedders) => LoadedUnit::Embedders(Embedders::new(cfg, &vb)?),
@@ -136,7 +141,7 @@ impl CheckpointLoader {
                 return Err(PipelineError::invalid(unit.to_string(), "has no block modulation"));
             }
         };
-        Ok((unit, loaded.bytes))
+        Ok(Ready { unit, ready, bytes_loaded: loaded.bytes })
     }
 }
 
@@ -181,27 +186,30 @@ fn part_names(checkpoint: &Checkpoint, part: Part) -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// On the CPU both fences are complete at once: the loader thread's writes are done when
-/// `load_into` returns, and compute has finished with a unit when it is released.
+/// The fences are the device tier's: complete at once on the CPU, CUDA events on a GPU.
 impl UnitLoader for CheckpointLoader {
-    type Buffer = UnitBuffer;
+    type Buffer = DeviceBuffer;
     type Unit = LoadedUnit;
-    type Fence = ();
+    type Fence = TierFence;
     type Error = PipelineError;
 
-    fn allocate(&self, bytes: u64) -> Result<UnitBuffer> {
-        Ok(UnitBuffer::new(bytes, self.dtype, &self.device)?)
+    fn allocate(&self, bytes: u64) -> Result<DeviceBuffer> {
+        Ok(self.tier.allocate(bytes, self.dtype)?)
     }
 
-    fn load_into(&self, unit_idx: usize, slot: &mut SlotBuffer<UnitBuffer, ()>) -> Result<Ready<LoadedUnit, ()>> {
-        let (buffer, _consumed) = slot.reuse();
-        let (unit, bytes_loaded) = self.load(unit_idx, buffer)?;
-        Ok(Ready { unit, ready: (), bytes_loaded })
+    fn load_into(
+        &self,
+        unit_idx: usize,
+        slot: &mut SlotBuffer<DeviceBuffer, TierFence>,
+    ) -> Result<Ready<LoadedUnit, TierFence>> {
+        self.load(unit_idx, slot)
     }
 
-    fn wait_ready(&self, _ready: &()) -> Result<()> {
-        Ok(())
+    fn wait_ready(&self, ready: &TierFence) -> Result<()> {
+        Ok(self.tier.wait_ready(ready)?)
     }
 
-    fn record_consumed(&self) {}
+    fn record_consumed(&self) -> TierFence {
+        self.tier.record_consumed()
+    }
 }
