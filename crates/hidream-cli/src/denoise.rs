@@ -32,9 +32,11 @@ pub fn run(args: &DenoiseArgs) -> Result<()> {
     let run = &args.run;
     run.check_outputs()?;
     let started = Instant::now();
-    let inputs = read_inputs(&run.inputs, &Device::Cpu)?;
+    let device = run.residency.open_device()?;
+    let inputs = read_inputs(&run.inputs, &device)?;
     let schedule = EulerSchedule::linear(args.steps)?;
-    let (mut runner, config) = run.residency.open_runner(Checkpoint::open(&run.model)?, run.dtype)?;
+    let (mut runner, config) =
+        run.residency.open_runner(Checkpoint::open(&run.model)?, &device, run.compute_dtype())?;
     let loaded = started.elapsed().as_secs_f64();
 
     let text = TextConditioning {
@@ -48,7 +50,7 @@ pub fn run(args: &DenoiseArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     progress.set_message(format!("denoise ({})", config.policy));
-    let mut probe = HeapProbe::default();
+    let mut probe = HeapProbe::new(&device);
     let (sample, timings) = denoise(&mut runner, &inputs.hidden_states, &text, &schedule, |event| match event {
         StepEvent::Start(_) => probe.start(),
         StepEvent::Done(..) => {

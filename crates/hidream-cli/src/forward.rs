@@ -27,8 +27,10 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let run = &args.run;
     run.check_outputs()?;
     let started = Instant::now();
-    let inputs = read_inputs(&run.inputs, &Device::Cpu)?;
-    let (mut runner, config) = run.residency.open_runner(Checkpoint::open(&run.model)?, run.dtype)?;
+    let device = run.residency.open_device()?;
+    let inputs = read_inputs(&run.inputs, &device)?;
+    let (mut runner, config) =
+        run.residency.open_runner(Checkpoint::open(&run.model)?, &device, run.compute_dtype())?;
     let loaded = started.elapsed().as_secs_f64();
 
     // With the per-prompt precomputation, the prompt's work is done once, outside the timings.
@@ -47,7 +49,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     };
     let prepare_seconds = prepare_started.elapsed().as_secs_f64();
     let warm_up = usize::from(args.repeat > 1);
-    let mut probe = HeapProbe::default();
+    let mut probe = HeapProbe::new(&device);
     let mut seconds = Vec::new();
     let mut sample = None;
     for _ in 0..args.repeat.saturating_add(warm_up) {
@@ -67,7 +69,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let median = median(&seconds);
     outln!(
         "sample {dims:?} {} -> {} (load {loaded:.3} s, forward {median:.3} s{}, {})",
-        run.dtype,
+        run.compute_dtype(),
         run.out.display(),
         if seconds.len() > 1 { format!(" median of {}", seconds.len()) } else { String::new() },
         runner.plan(),

@@ -86,7 +86,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
     for path in [Some(&args.out), args.output_latents.as_ref(), args.residency.report.as_ref()].into_iter().flatten() {
         hidream_weights::check_writable(path)?;
     }
-    let device = Device::Cpu;
+    let device = args.residency.open_device()?;
     let folder = ModelFolder::resolve(&args.model, &args.llama)?;
     folder.validate()?;
     let cfg = hidream_weights::Checkpoint::open(&folder.transformer())?.config()?;
@@ -120,6 +120,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
         Event::Notice(message) => eprintln!("note: {message}"),
         Event::StageStarted(stage) => {
             CountingAllocator::reset_peak();
+            hidream_device::reset_memory_peak(&device);
             let bar = ProgressBar::new_spinner().with_message(stage.as_str().to_owned());
             bar.enable_steady_tick(Duration::from_millis(120));
             progress = Some(bar);
@@ -143,9 +144,18 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             if let Some(bar) = progress.take() {
                 bar.finish_and_clear();
             }
-            let peak = CountingAllocator::peak_bytes();
+            // The measured peak of the device tier: the GPU pool's on CUDA, the heap's on the CPU.
+            let heap = CountingAllocator::peak_bytes();
+            let gpu = hidream_device::device_memory(&device);
+            let peak = gpu.map_or(heap, |memory| memory.pool_peak);
             eprintln!("{}: {seconds:.2} s, peak {}", stage.as_str(), hidream_memory::format_bytes(peak));
-            stages.push(json!({ "stage": stage.as_str(), "seconds": seconds, "peak_device_bytes": peak }));
+            stages.push(json!({
+                "stage": stage.as_str(),
+                "seconds": seconds,
+                "peak_device_bytes": peak,
+                "peak_heap_bytes": heap,
+                "gpu": gpu,
+            }));
         }
         Event::StepStarted { .. } => {}
     };
@@ -170,6 +180,7 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "steps": generated.steps,
             "guidance": generated.guidance,
             "dtype": args.dtype.as_str(),
+            "device": args.residency.device.to_string(),
             "transformer_plan": generated.plan,
             "stages": stages,
         });

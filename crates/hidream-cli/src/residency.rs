@@ -28,15 +28,20 @@ pub struct TransformerArgs {
     /// latents of `denoise`. Written whole or not at all.
     #[arg(long)]
     pub out: PathBuf,
-    /// Compute dtype; weights are converted to it as they load.
-    #[arg(long, default_value = "f32")]
-    pub dtype: hidream_config::DType,
+    /// Compute dtype; weights are converted to it as they load (default: f32 on the CPU, bf16 on
+    /// CUDA).
+    #[arg(long)]
+    pub dtype: Option<hidream_config::DType>,
     #[command(flatten)]
     pub residency: ResidencyArgs,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct ResidencyArgs {
+    /// Where to compute: `cpu`, `cuda` or `cuda:N`. Weights stream to a GPU over a copy stream from
+    /// pinned staging buffers; a build without the `cuda` feature says how to get one.
+    #[arg(long, default_value = "cpu")]
+    pub device: hidream_device::DeviceSpec,
     /// Where weights live: `all` resident, `sequential` (load, run, free), `stream` (prefetch
     /// ahead), or `budget` (the planner's resident set plus streaming). Default: `budget` when
     /// --budget is given, else `all`.
@@ -56,14 +61,24 @@ pub struct ResidencyArgs {
     /// Evaluate attention in chunks of this many queries (bounds the score matrix); at least 1.
     #[arg(long, value_parser = parse::positive, allow_negative_numbers = true)]
     attention_chunk: Option<usize>,
-    /// Write a JSON report of memory and time here. Its `peak_device_bytes` figures are peaks of
-    /// the device tier: on the CPU, the process's heap peak as the counting allocator measures it
-    /// (weights, activations and everything else on the heap), not a GPU figure.
+    /// Write a JSON report of memory and time here. Its `peak_device_bytes` figures are measured
+    /// peaks of the device tier: on the CPU, the process's heap peak as the counting allocator
+    /// measures it (weights, activations and everything else on the heap); on CUDA, the peak of
+    /// the GPU memory pool, with the driver's figure beside it under `gpu`.
     #[arg(long)]
     pub report: Option<PathBuf>,
 }
 
 impl TransformerArgs {
+    /// The compute dtype: the flag's, else f32 on the CPU and bf16 on CUDA.
+    pub fn compute_dtype(&self) -> hidream_config::DType {
+        self.dtype.unwrap_or(if self.residency.device.is_cuda() {
+            hidream_config::DType::BF16
+        } else {
+            hidream_config::DType::F32
+        })
+    }
+
     /// Checks the output paths (`--out`, `--report`) before any long work.
     pub fn check_outputs(&self) -> Result<()> {
         for path in [Some(&self.out), self.residency.report.as_ref()].into_iter().flatten() {
@@ -101,15 +116,21 @@ impl ResidencyArgs {
         })
     }
 
-    /// Opens the runner, and on a budget below the minimum writes a report that says so.
+    /// Opens `--device`, once per run.
+    pub fn open_device(&self) -> Result<candle_core::Device> {
+        Ok(self.device.open()?)
+    }
+
+    /// Opens the runner on `device`, and on a budget below the minimum writes a report that says so.
     pub fn open_runner(
         &self,
         checkpoint: Checkpoint,
+        device: &candle_core::Device,
         dtype: hidream_config::DType,
     ) -> Result<(TransformerRunner, RunnerConfig)> {
         let cfg = checkpoint.config()?;
         let config = self.runner_config(&cfg, dtype)?;
-        match TransformerRunner::new(checkpoint, &candle_core::Device::Cpu, config) {
+        match TransformerRunner::new(checkpoint, device, config) {
             Ok(runner) => Ok((runner, config)),
             Err(err) => {
                 if let (Some(path), PipelineError::Memory(MemoryError::BudgetTooSmall { budget, minimum, .. })) =
@@ -131,35 +152,96 @@ impl ResidencyArgs {
     }
 }
 
-/// Heap figures from the counting allocator: the process peak, and the largest growth of the heap
-/// within one forward (under `all`, that is the activation peak).
-#[derive(Debug, Default)]
+/// Memory figures, measured: on the CPU the heap (the counting allocator), on CUDA the GPU memory
+/// pool (the driver's high-water mark) with the driver's own figure beside it. Each gives the peak
+/// and the largest growth within one forward (under `all`, that is the activation peak).
+#[derive(Debug)]
 pub struct HeapProbe {
+    device: candle_core::Device,
     peak_before: u64,
     forward_start: u64,
     max_forward_delta: u64,
+    gpu: Option<GpuFigures>,
+}
+
+/// The GPU side of a [`HeapProbe`].
+#[derive(Debug, Default, Clone, Copy)]
+struct GpuFigures {
+    peak: u64,
+    forward_start: u64,
+    max_forward_delta: u64,
+    max_driver_used: u64,
+    total: u64,
 }
 
 impl HeapProbe {
+    pub fn new(device: &candle_core::Device) -> Self {
+        let gpu = hidream_device::device_memory(device).map(|memory| GpuFigures {
+            peak: memory.pool_peak,
+            max_driver_used: memory.driver_used,
+            total: memory.total,
+            ..GpuFigures::default()
+        });
+        HeapProbe { device: device.clone(), peak_before: 0, forward_start: 0, max_forward_delta: 0, gpu }
+    }
+
     /// Call just before a forward starts.
     pub fn start(&mut self) {
         self.peak_before = self.peak_before.max(CountingAllocator::peak_bytes());
         CountingAllocator::reset_peak();
         self.forward_start = CountingAllocator::current_bytes();
+        if let (Some(gpu), Some(memory)) = (&mut self.gpu, hidream_device::device_memory(&self.device)) {
+            gpu.peak = gpu.peak.max(memory.pool_peak);
+            gpu.max_driver_used = gpu.max_driver_used.max(memory.driver_used);
+            gpu.forward_start = memory.pool_used;
+            hidream_device::reset_memory_peak(&self.device);
+        }
     }
 
-    /// Call just after a forward ends.
+    /// Call just after a forward ends. On CUDA it waits for the GPU, so that the figures (and the
+    /// caller's timings) cover the forward's work.
     pub fn stop(&mut self) {
         let peak = CountingAllocator::peak_bytes();
         self.max_forward_delta = self.max_forward_delta.max(peak.saturating_sub(self.forward_start));
+        let _ = self.device.synchronize();
+        if let (Some(gpu), Some(memory)) = (&mut self.gpu, hidream_device::device_memory(&self.device)) {
+            gpu.peak = gpu.peak.max(memory.pool_peak);
+            gpu.max_driver_used = gpu.max_driver_used.max(memory.driver_used);
+            gpu.max_forward_delta = gpu.max_forward_delta.max(memory.pool_peak.saturating_sub(gpu.forward_start));
+        }
     }
 
+    /// The measured peak of the device tier: the GPU pool's on CUDA, the heap's on the CPU.
     pub fn peak_device_bytes(&self) -> u64 {
+        match self.gpu {
+            Some(gpu) => gpu.peak,
+            None => self.peak_heap_bytes(),
+        }
+    }
+
+    pub fn peak_heap_bytes(&self) -> u64 {
         self.peak_before.max(CountingAllocator::peak_bytes())
     }
 
+    /// The largest growth of the device tier within one forward.
     pub fn max_forward_delta(&self) -> u64 {
-        self.max_forward_delta
+        match self.gpu {
+            Some(gpu) => gpu.max_forward_delta,
+            None => self.max_forward_delta,
+        }
+    }
+
+    /// The GPU figures for a report (`null` on the CPU).
+    pub fn gpu_json(&self) -> Value {
+        match self.gpu {
+            Some(gpu) => json!({
+                "pool_peak_bytes": gpu.peak,
+                "forward_pool_peak_delta_bytes": gpu.max_forward_delta,
+                "driver_used_max_bytes": gpu.max_driver_used,
+                "total_bytes": gpu.total,
+            }),
+            None => Value::Null,
+        }
     }
 }
 
@@ -182,8 +264,11 @@ pub fn report(runner: &TransformerRunner, config: &RunnerConfig, probe: &HeapPro
         "resident_bytes": plan.resident_bytes(),
         "streamed_bytes_per_forward": plan.streamed_bytes_per_pass(),
         "peak_weight_bytes": runner.ledger().peak_bytes(),
+        "device": config_device(runner),
         "peak_device_bytes": probe.peak_device_bytes(),
+        "peak_heap_bytes": probe.peak_heap_bytes(),
         "forward_heap_peak_delta_bytes": probe.max_forward_delta(),
+        "gpu": probe.gpu_json(),
         "units_streamed": stats.units_delivered,
         "bytes_streamed": stats.bytes_delivered,
         "stall_seconds": stats.stall_time.as_secs_f64(),
@@ -192,6 +277,14 @@ pub fn report(runner: &TransformerRunner, config: &RunnerConfig, probe: &HeapPro
         "seconds_per_step": if seconds.is_empty() { 0.0 } else { total / seconds.len() as f64 },
         "step_seconds": seconds,
     })
+}
+
+fn config_device(runner: &TransformerRunner) -> String {
+    match runner.device().location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_owned(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
 }
 
 /// Writes a JSON report, whole or not at all.
