@@ -14,6 +14,7 @@ macro_rules! outln {
     };
 }
 
+mod bandwidth;
 mod denoise;
 mod forward;
 mod generate;
@@ -52,6 +53,8 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// What fits in a GPU memory budget and how fast it can run, from the config alone.
     Plan(plan::PlanArgs),
+    /// Measure the host-to-device bandwidth of the staged upload path that streamed units take.
+    Bandwidth(bandwidth::BandwidthArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         Command::Synth(args) => synth::run(&args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Plan(args) => plan::run(&args),
+        Command::Bandwidth(args) => bandwidth::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

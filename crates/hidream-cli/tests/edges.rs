@@ -237,7 +237,23 @@ fn residency(too_small: &'static str) -> Vec<(&'static str, &'static str, Expect
     ]);
     cases.extend(malformed("--prefetch"));
     cases.extend(numeric("--attention-chunk", Fails("--attention-chunk"), Runs));
+    cases.extend(device());
     cases
+}
+
+/// What `--device cuda` does here: without the `cuda` feature, one line on how to build with it.
+const CUDA: Expect = if cfg!(feature = "cuda") { Clean } else { Fails("--features cuda") };
+
+fn device() -> Vec<(&'static str, &'static str, Expect)> {
+    vec![
+        ("--device", "cpu", Runs),
+        ("--device", "CPU", Runs),
+        ("--device", "cuda", CUDA),
+        ("--device", "cuda:3", CUDA),
+        ("--device", "cuda:x", Fails("--device")),
+        ("--device", "tpu", Fails("--device")),
+        ("--device", "", Fails("--device")),
+    ]
 }
 
 #[test]
@@ -386,6 +402,23 @@ fn plan_edges() {
         ("--model", "{dir}/nowhere", Fails("nowhere")),
         ("--model", "{text}", Fails("notes.txt")),
     ]);
+    check_all(&base, &cases);
+}
+
+#[test]
+fn bandwidth_edges() {
+    let base = ["bandwidth", "--bytes", "8MiB", "--buffer", "1MiB", "--repeat", "1"];
+    let mut cases = device();
+    cases.extend([
+        ("--bytes", "0", Fails("at least 1 byte")),
+        ("--buffer", "0", Fails("at least 1 byte")),
+        ("--buffer", "1GiB", Runs),
+        ("--bytes", "1", Runs),
+        ("--repeat", "0", Fails("--repeat")),
+        ("--repeat", "2", Runs),
+    ]);
+    cases.extend(malformed("--bytes"));
+    cases.extend(malformed("--buffer"));
     check_all(&base, &cases);
 }
 

@@ -205,10 +205,6 @@ impl std::fmt::Display for DeviceSpec {
     }
 }
 
-/// How to get a build that runs on a GPU.
-pub const CUDA_BUILD_HINT: &str = "this hidream was built without CUDA; build it with \
-     `eval \"$(scripts/cuda-setup.sh)\" && cargo build --release -p hidream-cli --features cuda` (see docs/cuda.md)";
-
 impl DeviceSpec {
     /// Opens the device, once per run (clone the result): on CUDA with our own compute stream and
     /// the settings of [`cuda::open_device`].
@@ -218,10 +214,7 @@ impl DeviceSpec {
             #[cfg(feature = "cuda")]
             DeviceSpec::Cuda(ordinal) => cuda::open_device(ordinal),
             #[cfg(not(feature = "cuda"))]
-            DeviceSpec::Cuda(_) => Err(hidream_weights::WeightsError::Cuda {
-                doing: format!("opening {self}"),
-                message: CUDA_BUILD_HINT.to_owned(),
-            }),
+            DeviceSpec::Cuda(_) => Err(hidream_weights::WeightsError::NoCudaBuild { device: self.to_string() }),
         }
     }
 

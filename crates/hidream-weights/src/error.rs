@@ -145,6 +145,13 @@ pub enum WeightsError {
     #[error("CUDA failed while {doing}: {message}")]
     Cuda { doing: String, message: String },
 
+    /// A CUDA device was asked of a build without the `cuda` feature.
+    #[error(
+        "{device} was asked for, but this hidream was built without the `cuda` feature; build it with \
+         `eval \"$(scripts/cuda-setup.sh)\" && cargo build --release -p hidream-cli --features cuda` (see docs/cuda.md)"
+    )]
+    NoCudaBuild { device: String },
+
     /// A buffer or target of a dtype weights cannot be converted to.
     #[error("weights cannot be converted to {dtype:?}: use f32, f16 or bf16")]
     BufferDtype { dtype: candle_core::DType },
