@@ -46,6 +46,23 @@ pub struct Args {
     /// Threads per run (RAYON_NUM_THREADS); the heap peak depends on it.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Where the runs compute: `cpu`, or `cuda`/`cuda:N` (bf16 compute, the GPU pool's measured
+    /// peak; builds `hidream` with `--features cuda`, which needs `eval "$(scripts/cuda-setup.sh)"`
+    /// on a machine without the CUDA toolkit). A device has its own baseline sections.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
+    device: String,
+    /// Run this `hidream` binary instead of building one.
+    #[arg(long)]
+    hidream: Option<PathBuf>,
+}
+
+/// `cpu`, `cuda` or `cuda:N`, as `hidream --device` takes them.
+fn parse_device(text: &str) -> Result<String, String> {
+    let text = text.trim().to_ascii_lowercase();
+    let valid = text == "cpu"
+        || text == "cuda"
+        || text.strip_prefix("cuda:").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    if valid { Ok(text) } else { Err(format!("expected cpu, cuda or cuda:N, got `{text}`")) }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +99,7 @@ struct Setup {
     profile: Profile,
     latent: &'static str,
     text_tokens: usize,
+    device: String,
 }
 
 impl Setup {
@@ -111,6 +129,7 @@ impl Setup {
             profile: args.profile,
             latent,
             text_tokens,
+            device: args.device.clone(),
         })
     }
 
@@ -132,13 +151,24 @@ impl Setup {
         }
     }
 
-    /// The baseline section: `quick` or `full` for the small preset, else prefixed by the model.
+    /// The baseline section: `quick` or `full` for the small preset, else prefixed by the model;
+    /// suffixed by the device off the CPU (`quick-cuda`).
     fn mode(&self) -> String {
         let mode = if self.quick { "quick" } else { "full" };
-        match self.preset {
+        let mode = match self.preset {
             Preset::Small => mode.to_owned(),
             _ => format!("{}-{mode}", self.model_name()),
-        }
+        };
+        if self.is_cuda() { format!("{mode}-cuda") } else { mode }
+    }
+
+    fn is_cuda(&self) -> bool {
+        self.device != "cpu"
+    }
+
+    /// The compute dtype: f32 on the CPU (the golden reference's), bf16 on CUDA.
+    fn dtype(&self) -> &'static str {
+        if self.is_cuda() { "bf16" } else { "f32" }
     }
 
     /// The setup as the baseline records it. The build profile is part of it: a streamed run's heap
@@ -149,7 +179,9 @@ impl Setup {
             None => format!("{} preset", self.preset_name()),
         };
         format!(
-            "{model}, f32 compute, {} step(s), latent {}, {} T5 + {} Llama tokens, {} thread(s), {} build",
+            "{model}, {} compute on {}, {} step(s), latent {}, {} T5 + {} Llama tokens, {} thread(s), {} build",
+            self.dtype(),
+            self.device,
             self.steps,
             self.latent,
             self.text_tokens,
@@ -171,7 +203,10 @@ impl Setup {
 
 pub fn run(args: &Args) -> Result<()> {
     let setup = Setup::new(args)?;
-    let hidream = build_hidream(setup.profile)?;
+    let hidream = match &args.hidream {
+        Some(hidream) => hidream.clone(),
+        None => build_hidream(setup.profile, setup.is_cuda())?,
+    };
     let dir = util::root().join("target/bench-memory");
     let model = dir.join(setup.model_name());
     if !model.join("config.json").exists() {
@@ -259,9 +294,23 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// Builds `hidream` in `profile` and returns its path.
-fn build_hidream(profile: Profile) -> Result<PathBuf> {
+/// Builds `hidream` in `profile` (with the `cuda` feature for a GPU run) and returns its path.
+fn build_hidream(profile: Profile, cuda: bool) -> Result<PathBuf> {
     match profile {
+        Profile::Release if cuda => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            // Its own target folder, so that the CPU build is not rebuilt with candle's CUDA backend.
+            util::run(util::command(cargo).env("CARGO_TARGET_DIR", util::root().join("target/cuda")).args([
+                "build",
+                "--release",
+                "-p",
+                "hidream-cli",
+                "--features",
+                "cuda",
+            ]))?;
+            Ok(util::root().join("target/cuda/release/hidream"))
+        }
+        Profile::Dev if cuda => bail!("--device cuda builds a release binary: drop --profile dev, or pass --hidream"),
         Profile::Release => util::build_hidream(),
         Profile::Dev => {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
@@ -294,7 +343,8 @@ fn run_one(paths: &RunPaths<'_>, setup: &Setup, spec: RunSpec, reference: Option
     let mut command = util::command(paths.hidream);
     command
         .env("RAYON_NUM_THREADS", setup.threads.to_string())
-        .args(["denoise", "--dtype", "f32", "--steps", &setup.steps.to_string(), "--model"])
+        .args(["denoise", "--device", &setup.device, "--dtype", setup.dtype(), "--steps", &setup.steps.to_string()])
+        .arg("--model")
         .arg(paths.model)
         .arg("--inputs")
         .arg(paths.inputs)
@@ -331,7 +381,7 @@ fn tail(path: &Path, n_lines: usize) -> String {
 fn summary_line(result: &RunResult) -> String {
     match &result.outcome {
         Outcome::Ran(measured) => format!(
-            "{:<28} peak heap {:>11}, weights {:>11}, {:.3} s/step",
+            "{:<28} peak device {:>11}, weights {:>11}, {:.3} s/step",
             result.spec.name(),
             hidream_memory::format_bytes(measured.peak_device_bytes),
             hidream_memory::format_bytes(measured.peak_weight_bytes),
@@ -418,13 +468,18 @@ fn write_reports(
          {table}\n\
          - The reference is `{reference}`; *max diff* is max |output − reference|, and every output \
          must have the reference's bits (`0 (identical)`).\n\
-         - *peak device* is the process heap peak, *peak weights* the budget ledger's peak of unit weights.\n\
+         - *peak device* is {peak_device}, *peak weights* the budget ledger's peak of unit weights.\n\
          - *× all* is the seconds per step over those of `all` with the same precompute setting, \
          measured in this same run; *stall* is the time the compute waited for streamed units.\n\
          - A budget below the planner's minimum is refused, as it must be: the row gives the minimum.\n\n\
          ## Gate\n\n{gate}\n\n\
          ![Peak memory and seconds per step of every run](report.svg)\n",
         mode = setup.mode(),
+        peak_device = if setup.is_cuda() {
+            "the GPU memory pool's measured peak (its used-memory high-water mark)"
+        } else {
+            "the process heap peak (the counting allocator's)"
+        },
         date = machine.date,
         nproc = machine.nproc,
         cpu = machine.cpu,

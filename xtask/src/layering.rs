@@ -19,6 +19,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ("hidream-weights", &["hidream-model", "hidream-memory"], "I/O only: knows no layers or budgets"),
     ("hidream-model", &["hidream-weights", "hidream-memory"], "knows nothing of mmap, threads or budgets"),
     (
+        "hidream-device",
+        &["hidream-model", "hidream-text", "hidream-pipeline", "hidream-schedulers"],
+        "moves checkpoint bytes onto a device: knows no layers, models or plans",
+    ),
+    (
         "hidream-schedulers",
         &[
             "hidream-config",
@@ -32,6 +37,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "samplers on candle-core alone: no HiDream crate, no weights",
     ),
     ("hidream-text", &["hidream-model", "hidream-schedulers", "hidream-pipeline"], "text encoders: no transformer"),
+    ("hidream-weights", &["hidream-device", "cudarc"], "I/O only: knows no device streams"),
     ("hidream-pipeline", &["hidream-cli", "clap", "indicatif"], "a library: knows no command line"),
 ];
 

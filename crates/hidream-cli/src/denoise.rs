@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 use hidream_pipeline::denoise::{TextConditioning, denoise};
 use hidream_schedulers::euler::{EulerSchedule, StepEvent};
 use hidream_weights::Checkpoint;
@@ -14,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::forward::read_inputs;
 use crate::parse;
-use crate::residency::{HeapProbe, TransformerArgs, max_abs_diff, report, write_json};
+use crate::residency::{HeapProbe, TransformerArgs, compare_to, report, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct DenoiseArgs {
@@ -65,12 +64,7 @@ pub fn run(args: &DenoiseArgs) -> Result<()> {
     value["prepare_seconds"] = timings.prepare_seconds.into();
     value["prepared_bytes"] = timings.prepared_bytes.into();
     if let Some(reference) = &args.compare_to {
-        let reference = hidream_weights::read_tensors(reference, &Device::Cpu)?
-            .remove("sample")
-            .with_context(|| format!("{} has no `sample`", reference.display()))?;
-        let (max_diff, bit_identical) = max_abs_diff(&sample, &reference)?;
-        value["max_abs_diff"] = f64::from(max_diff).into();
-        value["bit_identical"] = bit_identical.into();
+        value.as_object_mut().context("the report is an object")?.extend(compare_to(reference, &sample)?);
     }
     let dims = sample.dims().to_vec();
     hidream_weights::write_tensors(&run.out, &HashMap::from([("sample".to_owned(), sample)]))?;

@@ -2,7 +2,7 @@
 //! policy.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -12,7 +12,7 @@ use hidream_pipeline::Precompute;
 use hidream_weights::Checkpoint;
 
 use crate::parse;
-use crate::residency::{HeapProbe, TransformerArgs, report, write_json};
+use crate::residency::{HeapProbe, TransformerArgs, compare_to, report, write_json};
 
 #[derive(Debug, clap::Args)]
 pub struct ForwardArgs {
@@ -21,6 +21,10 @@ pub struct ForwardArgs {
     /// Run the forward this many times after one warm-up run, and report each time (benchmarks).
     #[arg(long, default_value_t = 1, value_parser = parse::positive, allow_negative_numbers = true)]
     repeat: usize,
+    /// Report max |out − REF.sample| for this reference output and whether the bits are identical;
+    /// a golden case's `expected.safetensors` also gives its bf16 drift (`reference_bf16_drift`).
+    #[arg(long)]
+    compare_to: Option<PathBuf>,
 }
 
 pub fn run(args: &ForwardArgs) -> Result<()> {
@@ -65,6 +69,7 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
     let seconds = seconds.split_off(warm_up);
     let sample = sample.context("no forward ran")?.to_dtype(DType::F32)?;
     let dims = sample.dims().to_vec();
+    let comparison = args.compare_to.as_ref().map(|reference| compare_to(reference, &sample)).transpose()?;
     hidream_weights::write_tensors(&run.out, &HashMap::from([("sample".to_owned(), sample)]))?;
     let median = median(&seconds);
     outln!(
@@ -74,12 +79,22 @@ pub fn run(args: &ForwardArgs) -> Result<()> {
         if seconds.len() > 1 { format!(" median of {}", seconds.len()) } else { String::new() },
         runner.plan(),
     )?;
+    if let Some(comparison) = &comparison {
+        outln!(
+            "against {}: {}",
+            args.compare_to.as_deref().unwrap_or(Path::new("")).display(),
+            serde_json::Value::from(comparison.clone())
+        )?;
+    }
     if let Some(path) = &run.residency.report {
         let mut value = report(&runner, &config, &probe, &seconds);
         value["load_seconds"] = loaded.into();
         value["prepare_seconds"] = prepare_seconds.into();
         value["median_seconds"] = median.into();
         value["shape"] = dims.into();
+        if let Some(comparison) = &comparison {
+            value.as_object_mut().context("the report is an object")?.extend(comparison.clone());
+        }
         write_json(path, &value)?;
     }
     Ok(())

@@ -294,6 +294,27 @@ pub fn write_json(path: &Path, value: &Value) -> Result<()> {
         .with_context(|| format!("writing the report {}", path.display()))
 }
 
+/// Compares `sample` with the `sample` tensor of a reference file: `max_abs_diff` and
+/// `bit_identical`. A golden reference that also holds diffusers' own bf16 run (`sample_bf16`)
+/// adds `reference_bf16_drift` (how far that run is from its f32 one) and `reference_scale`
+/// (max(1, max |sample|)), from which the golden tests' bf16 bound is computed.
+pub fn compare_to(path: &Path, sample: &candle_core::Tensor) -> Result<serde_json::Map<String, Value>> {
+    let mut reference = hidream_weights::read_tensors(path, &candle_core::Device::Cpu)?;
+    let expected = reference.remove("sample").with_context(|| format!("{} has no `sample`", path.display()))?;
+    let sample = sample.to_device(&candle_core::Device::Cpu)?;
+    let (max_diff, bit_identical) = max_abs_diff(&sample, &expected)?;
+    let mut figures = serde_json::Map::new();
+    figures.insert("max_abs_diff".into(), f64::from(max_diff).into());
+    figures.insert("bit_identical".into(), bit_identical.into());
+    if let Some(bf16) = reference.remove("sample_bf16") {
+        let (drift, _) = max_abs_diff(&bf16.to_dtype(expected.dtype())?, &expected)?;
+        let scale = expected.abs()?.flatten_all()?.max(0)?.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()?;
+        figures.insert("reference_bf16_drift".into(), f64::from(drift).into());
+        figures.insert("reference_scale".into(), f64::from(scale.max(1.0)).into());
+    }
+    Ok(figures)
+}
+
 /// Max |a − b| over two tensors of the same shape, and whether their bits are identical.
 ///
 /// candle's `max` skips NaN, so the difference is taken element by element: an element that is

@@ -386,12 +386,11 @@ impl CudaTier {
     pub(crate) fn time_uploads(&self, total: u64, buffer_bytes: u64) -> Result<f64> {
         let mut buffer = self.allocate(buffer_bytes, DType::BF16)?;
         self.queues().copy.synchronize().map_err(driver("timing staged uploads"))?;
+        let bytes = buffer.buffer().bytes();
         let started = std::time::Instant::now();
-        crate::upload_cycles(&self.stager, buffer.buffer_mut(), total, buffer.buffer().bytes()).map_err(|error| {
-            match error {
-                StageError::Queue(error) => error,
-                StageError::Source(never) => match never {},
-            }
+        crate::upload_cycles(&self.stager, buffer.buffer_mut(), total, bytes).map_err(|error| match error {
+            StageError::Queue(error) => error,
+            StageError::Source(never) => match never {},
         })?;
         self.queues().copy.synchronize().map_err(driver("timing staged uploads"))?;
         Ok(started.elapsed().as_secs_f64())
