@@ -315,3 +315,60 @@ pub(crate) fn upload_cycles<Q: hidream_memory::staged::CopyQueues>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_specs_parse_and_print_as_the_flag_takes_them() {
+        for (given, spec, shown) in [
+            ("cpu", DeviceSpec::Cpu, "cpu"),
+            (" CPU ", DeviceSpec::Cpu, "cpu"),
+            ("cuda", DeviceSpec::Cuda(0), "cuda:0"),
+            ("gpu", DeviceSpec::Cuda(0), "cuda:0"),
+            ("cuda:3", DeviceSpec::Cuda(3), "cuda:3"),
+        ] {
+            let parsed: DeviceSpec = given.parse().unwrap();
+            assert_eq!(parsed, spec, "{given}");
+            assert_eq!(parsed.to_string(), shown);
+            assert_eq!(shown.parse::<DeviceSpec>().unwrap(), spec, "the printed form parses back");
+            assert_eq!(parsed.is_cuda(), shown != "cpu");
+        }
+        for bad in ["", "tpu", "cuda:", "cuda:x", "cuda:-1", "cuda0"] {
+            let error = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(error.contains("expected cpu, cuda or cuda:N"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_opens_and_its_tier_is_direct() {
+        let device = DeviceSpec::Cpu.open().unwrap();
+        assert!(device.is_cpu());
+        assert!(device_memory(&device).is_none(), "the CPU has no GPU pool to measure");
+        let tier = DeviceTier::for_device(&device).unwrap();
+        assert!(matches!(tier, DeviceTier::Host(_)));
+        let buffer = tier.allocate(24, DType::F32).unwrap();
+        assert_eq!(buffer.buffer().bytes(), 24);
+        assert!(matches!(tier.record_consumed(), TierFence::Done));
+        tier.wait_ready(&TierFence::Done).unwrap();
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_says_how_to_build_it() {
+        let error = DeviceSpec::Cuda(1).open().unwrap_err();
+        assert!(matches!(&error, hidream_weights::WeightsError::NoCudaBuild { device } if device == "cuda:1"));
+        let message = error.to_string();
+        assert!(message.contains("--features cuda") && message.contains("scripts/cuda-setup.sh"), "{message}");
+        assert!(!message.contains('\n'), "one line: {message}");
+    }
+
+    #[test]
+    fn the_cpu_upload_measurement_moves_the_bytes_asked_for() {
+        let figures = measure_upload(&Device::Cpu, 3 << 20, 1 << 20).unwrap();
+        assert_eq!(figures.bytes, 3 << 20);
+        assert_eq!(figures.staging_bytes, STAGING_BYTES);
+        assert!(figures.seconds > 0.0 && figures.bandwidth > 0.0, "{figures:?}");
+    }
+}

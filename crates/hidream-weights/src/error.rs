@@ -137,7 +137,7 @@ pub enum WeightsError {
     /// A shard is shorter now than when the checkpoint was opened: it was truncated or replaced
     /// under the run.
     #[error(
-        "{file} changed while it was in use: tensor `{tensor}` ends at byte {needed}, but the file now ends before          it; do not modify a checkpoint while it runs, and run again"
+        "{file} changed while it was in use: tensor `{tensor}` ends at byte {needed}, but the file now ends before it; do not modify a checkpoint while it runs, and run again"
     )]
     ShardChanged { file: PathBuf, tensor: String, needed: u64 },
 

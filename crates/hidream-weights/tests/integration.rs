@@ -5,6 +5,7 @@ mod integration {
     mod broken;
     mod fuzz;
     mod read_into;
+    mod read_stored;
     mod synth;
     mod unit_buffer;
     mod util;
