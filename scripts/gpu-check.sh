@@ -15,8 +15,8 @@
 #   2. measures the host-to-device bandwidth of the staged upload path (`hidream bandwidth`);
 #   3. synthesises a checkpoint of the preset (a full-width slice with --layers) in bf16 on local disk;
 #   4. runs `hidream denoise` under `all`, `stream`, and `budget` at 24, 8 and 3 GiB scaled to the
-#      slice (the same share of its weights as of the whole model's), each with the precomputation,
-#      and `hidream plan`'s prediction for each;
+#      slice (the same share of its weights as of the whole model's, and never below the slice's
+#      smallest working budget), each with the precomputation, and `hidream plan`'s prediction for each;
 #   5. checks the tiny golden transformer in bf16 on the device against diffusers' f32 output,
 #      within the golden tests' bf16 bound;
 #   6. writes the report: peaks measured and from the ledger, seconds, stall and bytes streamed per
@@ -109,6 +109,8 @@ plan_json() { "$hidream" plan "$@" --dtype "$dtype" --json; }
 plan_json --model "$model" > "$out/plan-all.json"
 full_bytes=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["config"]["weight_bytes"])' "$out/plan-full-model.json")
 slice_bytes=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["config"]["weight_bytes"])' "$out/plan-all.json")
+min_budget=$(python3 -c 'import json,sys;print(json.load(open(sys.argv[1]))["settings"]["per_prompt"]["minimum_budget"])' "$out/plan-all.json")
+: > "$out/floored.txt"
 bandwidth=$(python3 -c 'import json,sys;print(int(json.load(open(sys.argv[1]))["best_bandwidth_bytes_per_s"]))' "$out/bandwidth.json")
 pixels=$(python3 -c 'import sys;w,h=sys.argv[1].split("x");print(f"{int(w)*8}x{int(h)*8}")' "$latent")
 
@@ -121,7 +123,11 @@ for run in "${runs[@]}"; do
     stream) flags=(--residency stream) ;;
     budget-*)
       gib=${run#budget-}
-      bytes=$(python3 -c 'import sys;g,f,s=map(int,sys.argv[1:]);print(min(s,g*2**30*s//f))' "$gib" "$full_bytes" "$slice_bytes")
+      # A slice keeps the full model's widest units, so its smallest working budget does not shrink
+      # with its share: a scaled budget below it is raised to it, and the report says so.
+      bytes=$(python3 -c 'import sys;g,f,s,m=map(int,sys.argv[1:]);print(max(m,min(s,g*2**30*s//f)))' \
+        "$gib" "$full_bytes" "$slice_bytes" "$min_budget")
+      [ "$bytes" = "$min_budget" ] && echo "$run" >> "$out/floored.txt"
       flags=(--budget "$bytes")
       plan_json --model "$model" --budget "$bytes" --size "$pixels" --variant dev --bandwidth "$bandwidth" \
         > "$out/plan-$run.json" 2>> "$log" || true
@@ -155,6 +161,7 @@ bandwidth = load("bandwidth.json")
 bw = bandwidth["best_bandwidth_bytes_per_s"]
 full, sliced = load("plan-full-model.json")["config"], load("plan-all.json")["config"]
 reports = {run: load(f"runs/{run}.json") for run in runs}
+floored = set((out / "floored.txt").read_text().split())
 all_report = reports["all"]
 compute_s = all_report["seconds_per_step"]
 
@@ -185,6 +192,7 @@ for run in runs:
     rows.append({
         "run": run, "ran": True,
         "budget_bytes": r["budget_bytes"],
+        "budget_floored_to_minimum": run in floored,
         "peak_device_bytes_measured": r["peak_device_bytes"],
         "driver_used_max_bytes": gpu.get("driver_used_max_bytes"),
         "peak_weight_bytes_ledger": r["peak_weight_bytes"],
@@ -236,7 +244,7 @@ for row in rows:
         continue
     p = row["predicted"] or {}
     lines.append(
-        f"| {row['run']} | {fmt(row['budget_bytes'])} | {fmt(row['peak_device_bytes_measured'])} "
+        f"| {row['run']} | {fmt(row['budget_bytes'])}{' (min)' if row['budget_floored_to_minimum'] else ''} | {fmt(row['peak_device_bytes_measured'])} "
         f"| {fmt(row['peak_weight_bytes_ledger'])} | {fmt(row['activation_peak_bytes'])} "
         f"| {fmt(p.get('peak_device_bytes'))} | {sec(row['seconds_per_step'])} | {sec(row['stall_seconds_per_step'])} "
         f"| {fmt(row['bytes_streamed_per_step'])} | {sec(row['lower_bound_seconds_per_step'])} "
@@ -245,6 +253,8 @@ lines += [
     "",
     f"- *peak measured*: {'the GPU memory pool high-water mark' if device != 'cpu' else 'the process heap peak'}; "
     "*ledger*: the budget ledger's peak of weight bytes; *activations*: the largest growth within one step.",
+    "- *(min)*: the share-scaled budget was below the slice's smallest working budget "
+    "(`hidream plan`'s minimum_budget), so the run used that minimum.",
     "- *lower bound*: max(s/step of `all`, streamed bytes per step / the bandwidth above).",
     f"- Exactness: {exactness['case']}: max |diff| {exactness['max_abs_diff']:.4g}, bound {bound:.4g}: "
     f"{'within' if exactness['within_bound'] else 'OUTSIDE'} the bound.",
