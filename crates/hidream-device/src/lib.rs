@@ -6,8 +6,8 @@
 //! This crate knows checkpoints (hidream-weights) and the residency protocol (hidream-memory), but
 //! no model layers, budgets or plans.
 //!
-//! - [`DeviceTier::Host`]: the device is the CPU (or one without a staged path). A load converts
-//!   the stored bytes straight from the mapped file into the buffer, and both fences are complete
+//! - [`DeviceTier::Host`]: the device is the CPU (or one without a staged path). A load reads
+//!   the stored bytes (by `pread`) straight into the buffer, converting them on the way, and both fences are complete
 //!   at once: the loader's writes are done when the load returns, and compute is done with a unit
 //!   when it is released.
 //! - `DeviceTier::Cuda` (with the `cuda` feature): the bytes go through two pinned staging

@@ -32,6 +32,12 @@ pub(crate) fn convert_into<T: ReadDType>(dtype: Dtype, bytes: &[u8], dst: &mut [
     T::convert_bytes(dtype, bytes, dst);
 }
 
+/// `dst`'s memory as bytes: where the stored dtype is `T` itself (on a little-endian machine), the
+/// stored bytes are read straight into it.
+pub(crate) fn bytes_mut<T: ReadDType>(dst: &mut [T]) -> &mut [u8] {
+    T::bytes_mut(dst)
+}
+
 /// `n` zeros of `T` in a new vector (for f32 and f64, without a pass over its memory).
 pub(crate) fn zeroed_vec<T: ReadDType>(n: usize) -> Vec<T> {
     T::zeroed_vec(n)
@@ -64,6 +70,8 @@ pub(crate) mod sealed {
     pub trait Convert: Sized {
         fn convert(src: Stored<'_>, dst: &mut [Self]);
         fn convert_bytes(dtype: Dtype, bytes: &[u8], dst: &mut [Self]);
+        /// The slice's memory as bytes, for a read straight into it in the stored dtype.
+        fn bytes_mut(dst: &mut [Self]) -> &mut [u8];
         /// `n` zeros; for f32 and f64 allocated zeroed (for a large `n`, the kernel's fresh pages:
         /// no pass over the memory before the conversion writes it).
         fn zeroed_vec(n: usize) -> Vec<Self>;
@@ -104,6 +112,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f32);
+        fn bytes_mut(dst: &mut [f32]) -> &mut [u8] {
+            bytemuck::cast_slice_mut(dst)
+        }
         fn zeroed_vec(n: usize) -> Vec<f32> {
             vec![0.0; n]
         }
@@ -119,6 +130,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f64);
+        fn bytes_mut(dst: &mut [f64]) -> &mut [u8] {
+            bytemuck::cast_slice_mut(dst)
+        }
         fn zeroed_vec(n: usize) -> Vec<f64> {
             vec![0.0; n]
         }
@@ -137,6 +151,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(f16);
+        fn bytes_mut(dst: &mut [f16]) -> &mut [u8] {
+            bytemuck::cast_slice_mut(dst.reinterpret_cast_mut())
+        }
         zeroed_16!(f16);
     }
 
@@ -153,6 +170,9 @@ pub(crate) mod sealed {
             }
         }
         convert_bytes!(bf16);
+        fn bytes_mut(dst: &mut [bf16]) -> &mut [u8] {
+            bytemuck::cast_slice_mut(dst.reinterpret_cast_mut())
+        }
         zeroed_16!(bf16);
     }
 

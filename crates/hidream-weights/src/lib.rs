@@ -1,5 +1,5 @@
-//! Safetensors I/O for HiDream-I1: sharded diffusers checkpoints, memory-mapped lazy loading by
-//! unit, candle `VarBuilder` adapters, and synthetic checkpoints and inputs for tests and benches.
+//! Safetensors I/O for HiDream-I1: sharded diffusers checkpoints, lazy loading by unit with
+//! positioned reads, candle `VarBuilder` adapters, and synthetic checkpoints and inputs for tests and benches.
 //!
 //! The synthetic writer (`write_synthetic`, `synthetic_inputs`) is behind the `synth` cargo
 //! feature, off by default, so that the loader alone has no rand dependency of its own (candle-core
@@ -16,7 +16,9 @@
 //! decided by the memory and model crates.
 //!
 //! Every malformed input is a typed [`WeightsError`] naming the file and the tensor; no input
-//! makes this crate panic. The only `unsafe` code is the mapping of files, in the `mmap` module.
+//! makes this crate panic. The only `unsafe` code is the mapping of files, in the `mmap` module;
+//! the map serves the headers, read once at open, and every tensor's bytes are read with `pread`,
+//! so a shard truncated under a run is a [`WeightsError::ShardChanged`], never a SIGBUS.
 //!
 //! ```no_run
 //! # fn main() -> hidream_weights::Result<()> {

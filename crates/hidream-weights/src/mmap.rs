@@ -1,6 +1,7 @@
 //! The one module with `unsafe` code: mapping a checkpoint file into memory.
 //!
-//! Everything else in the crate reads the mapped bytes through the safe [`MappedFile::bytes`].
+//! The map is read, through the safe [`MappedFile::bytes`], only to parse the header at open;
+//! tensor data goes through [`MappedFile::read_at`] (`pread`), which a truncated file cannot fault.
 #![allow(unsafe_code)]
 
 use std::fs::File;

@@ -2,7 +2,7 @@
 //!
 //! A [`UnitBuffer`] is one flat tensor of the compute dtype, allocated once (per streaming slot,
 //! or per resident unit). [`Checkpoint::load_into_buffer`] converts each stored tensor straight
-//! from the mapped file into consecutive ranges of it, in one pass and without a temporary
+//! from the file (by positioned reads) into consecutive ranges of it, in one pass and without a temporary
 //! tensor, and returns the unit's weights as views (`narrow` + `reshape`) into the buffer. So a
 //! streamed load allocates nothing and touches no fresh page after the first pass.
 //!
@@ -143,7 +143,8 @@ impl Checkpoint {
     /// Loads the tensors `names`, in order, into consecutive ranges of `buffer`, converted to the
     /// buffer's dtype, and returns them as views into it.
     ///
-    /// On the CPU the bytes go straight from the mapped file into the buffer. Other devices go
+    /// On the CPU the bytes go straight from the file into the buffer (positioned reads, converted
+    /// on the way where the dtypes differ). Other devices go
     /// through their device tier (`hidream-device`) (staged copies on CUDA); called on one here, the tensors
     /// are read as [`Checkpoint::load`] reads them, and the buffer is left unused.
     pub fn load_into_buffer(&self, names: &[&str], buffer: &mut UnitBuffer) -> Result<LoadedTensors> {

@@ -6,6 +6,7 @@ mod integration {
     mod fuzz;
     mod read_into;
     mod read_stored;
+    mod shard_changed;
     mod synth;
     mod unit_buffer;
     mod util;
