@@ -1,6 +1,9 @@
 //! `hidream`: run, synthesise and inspect HiDream-I1 transformers from the command line.
 //!
-//! Every failure is one `error:` line and a non-zero exit status, never a panic backtrace.
+//! Every failure is one `error:` line and a non-zero exit status, never a panic backtrace. Ctrl-C
+//! (or SIGTERM) stops any command at once (exit status 130): outputs are written atomically, and the partial
+//! files of writes under way are removed first, so an interrupted run leaves no half-written image,
+//! tensor file or report.
 #![forbid(unsafe_code)]
 
 /// `println!` that returns an error instead of panicking, and ends quietly on a closed pipe
@@ -59,6 +62,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    on_interrupt_exit();
     let result = match cli.command {
         Command::Forward(args) => forward::run(&args),
         Command::Denoise(args) => denoise::run(&args),
@@ -74,6 +78,21 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&err));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Ctrl-C (SIGINT, and SIGTERM): remove the partial files of the writes under way, say so, and
+/// exit with 130 now. Nothing else needs unwinding: loader threads, mapped files and device memory
+/// go with the process, and every finished output is already whole.
+fn on_interrupt_exit() {
+    let installed = ctrlc::set_handler(|| {
+        let removed = hidream_weights::remove_partial_files();
+        let partial = if removed > 0 { format!(" ({removed} partial file(s) removed)") } else { String::new() };
+        eprintln!("\ninterrupted: stopped; the outputs written so far are whole, and no partial file is left{partial}");
+        std::process::exit(130);
+    });
+    if let Err(err) = installed {
+        eprintln!("warning: Ctrl-C will not clean up partial outputs: {err}");
     }
 }
 

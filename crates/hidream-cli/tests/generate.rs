@@ -123,3 +123,45 @@ fn bad_folders_and_flags_are_one_clear_error() {
     );
     assert!(!out.exists(), "no image is written when generation fails");
 }
+
+/// Ctrl-C in the middle of denoising: the process stops with status 130 and a notice, and the
+/// folder it was to write into holds no image, latents, report or partial file.
+#[cfg(unix)]
+#[test]
+fn an_interrupt_stops_the_run_and_leaves_no_output() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (model, llama) = (golden().join("model"), golden().join("llama"));
+    let (out, report, latents) =
+        (dir.path().join("x.png"), dir.path().join("report.json"), dir.path().join("latents.safetensors"));
+    // Far more steps than the run gets to: it is interrupted once the text stage is over.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hidream"))
+        .args(["generate", "--model", path(&model), "--llama", path(&llama), "--prompt", "a fox", "--steps"])
+        .args(["1000", "--default-sample-size", "16", "--dtype", "f32", "--out", path(&out), "--report"])
+        .args([path(&report), "--output-latents", path(&latents)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "the run ended before the text stage finished: {seen}");
+        seen.push_str(&line);
+        if line.starts_with("text encoders:") {
+            break;
+        }
+    }
+    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}{rest}");
+    assert!(rest.contains("interrupted"), "{rest}");
+    assert!(!rest.contains("panicked"), "{rest}");
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "an interrupted run left {left:?}");
+}

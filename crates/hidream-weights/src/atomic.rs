@@ -4,9 +4,14 @@
 //! The bytes go to a temporary file in the target's folder (`tempfile::NamedTempFile`), which is
 //! renamed onto the target only once everything is written and flushed. A failed write removes the
 //! temporary file and leaves an existing target as it was; a reader never sees half a file.
+//!
+//! A process that is about to exit without unwinding (the command line's Ctrl-C handler) calls
+//! [`remove_partial_files`] first: the temporary files of writes still under way are removed, so
+//! an interrupted run leaves neither a half-written output nor a `.partial` file behind.
 
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use crate::{Result, WeightsError};
 
@@ -48,6 +53,7 @@ pub fn write_atomic(target: &Path, write: impl FnOnce(&mut dyn Write) -> std::io
                 format!("cannot create a file in the folder {}: {}", folder.display(), std::io::Error::from(kind));
             io_error(std::io::Error::new(kind, problem))
         })?;
+    let _pending = Pending::register(temp.path());
     {
         let mut writer = BufWriter::new(temp.as_file_mut());
         write(&mut writer).map_err(io_error)?;
@@ -55,6 +61,34 @@ pub fn write_atomic(target: &Path, write: impl FnOnce(&mut dyn Write) -> std::io
     }
     temp.persist(target).map_err(|err| io_error(err.error))?;
     Ok(())
+}
+
+/// The temporary files of the writes under way in this process.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// Removes the temporary file of every [`write_atomic`] still under way, for a process that exits
+/// now without unwinding (an interrupt): its outputs are then either whole or absent. The writes
+/// themselves fail (their rename finds no file), and the targets are untouched. Returns how many
+/// files were removed.
+pub fn remove_partial_files() -> usize {
+    let pending = std::mem::take(&mut *PENDING.lock().unwrap_or_else(PoisonError::into_inner));
+    pending.iter().filter(|path| std::fs::remove_file(path).is_ok()).count()
+}
+
+/// One entry of [`PENDING`], removed from it when the write ends either way.
+struct Pending(PathBuf);
+
+impl Pending {
+    fn register(path: &Path) -> Pending {
+        PENDING.lock().unwrap_or_else(PoisonError::into_inner).push(path.to_owned());
+        Pending(path.to_owned())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        PENDING.lock().unwrap_or_else(PoisonError::into_inner).retain(|path| path != &self.0);
+    }
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ mod synth;
 mod unit_buffer;
 mod var_builder;
 
-pub use atomic::{check_writable, write_atomic};
+pub use atomic::{check_writable, remove_partial_files, write_atomic};
 pub use checkpoint::{Checkpoint, TensorInfo};
 pub use convert::ReadDType;
 pub use error::{Result, WeightsError};
