@@ -1,7 +1,6 @@
 //! `remove_partial_files`, as an interrupt handler calls it in the middle of a write. It is its
 //! own test binary because it removes the partial file of *every* write under way in the process.
 
-use std::io::Write;
 use std::path::Path;
 
 use hidream_weights::{remove_partial_files, write_atomic};
