@@ -32,6 +32,11 @@ pub enum PipelineError {
     /// A tensor or setting has the wrong shape or value.
     #[error("{what}: {problem}")]
     Invalid { what: String, problem: String },
+
+    /// A stage of `generate` that cannot run, found when the pipeline is planned, before any long
+    /// work: the error names the stage.
+    #[error("the {stage} stage cannot run: {source}")]
+    InStage { stage: String, source: Box<PipelineError> },
 }
 
 /// Result alias of this crate.
@@ -40,5 +45,10 @@ pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
 impl PipelineError {
     pub(crate) fn invalid(what: impl Into<String>, problem: impl Into<String>) -> Self {
         PipelineError::Invalid { what: what.into(), problem: problem.into() }
+    }
+
+    /// This error, as the one that stops `stage`.
+    pub(crate) fn in_stage(self, stage: crate::generate::Stage) -> Self {
+        PipelineError::InStage { stage: stage.describe().to_owned(), source: Box::new(self) }
     }
 }

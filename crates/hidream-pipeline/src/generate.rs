@@ -180,6 +180,15 @@ impl Stage {
             Stage::Vae => "vae decode",
         }
     }
+
+    /// The stage and what runs in it, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Stage::Text => "text encoders (CLIP-L, CLIP-G, T5, Llama)",
+            Stage::Denoise => "denoising (the transformer)",
+            Stage::Vae => "vae decode",
+        }
+    }
 }
 
 /// What [`generate`] tells its observer.
@@ -254,6 +263,10 @@ pub fn generate(
         )));
     }
     let latent_shape = (1, transformer_cfg.in_channels, height / vae_scale_factor, width / vae_scale_factor);
+    // The transformer's plan now, from its config: a budget it cannot run under is refused before
+    // the text encoders load.
+    crate::runner::plan_transformer(&transformer_cfg, &settings.transformer)
+        .map_err(|err| err.in_stage(Stage::Denoise))?;
 
     // 2. Text.
     observe(Event::StageStarted(Stage::Text));

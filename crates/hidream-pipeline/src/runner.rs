@@ -95,8 +95,7 @@ impl TransformerRunner {
         checkpoint.validate(&SizeModel::new(&cfg))?;
         let table = UnitTable::new(&cfg, config.compute_dtype, config.precompute);
         let dtype = candle_dtype(config.compute_dtype);
-        let scratch_bytes = prepare_scratch_bytes(&cfg, config.compute_dtype, config.precompute);
-        let plan = config.policy.plan_with_scratch(table.specs(), scratch_bytes)?;
+        let plan = plan_transformer(&cfg, &config)?;
         let ledger = Arc::new(BudgetLedger::new(config.policy.budget_bytes()));
         let tier = DeviceTier::for_device(device)?;
         let loader = CheckpointLoader::for_steps(checkpoint.clone(), cfg.clone(), &table, dtype, tier.clone())?;
@@ -274,6 +273,15 @@ struct PrepareInputs<'a> {
     llama3: &'a Tensor,
     pooled_embeds: &'a Tensor,
     timesteps: &'a [Tensor],
+}
+
+/// The plan [`TransformerRunner::new`] makes for `cfg` under `config`, from the config alone: what a
+/// pipeline checks before it loads anything, so that a budget too small for the transformer is
+/// refused before the text encoders run.
+pub fn plan_transformer(cfg: &TransformerConfig, config: &RunnerConfig) -> Result<Plan> {
+    let table = UnitTable::new(cfg, config.compute_dtype, config.precompute);
+    let scratch_bytes = prepare_scratch_bytes(cfg, config.compute_dtype, config.precompute);
+    Ok(config.policy.plan_with_scratch(table.specs(), scratch_bytes)?)
 }
 
 /// The room the plan keeps for the per-prompt precomputation: its largest layer, which it must be
