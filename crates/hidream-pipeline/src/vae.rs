@@ -19,6 +19,7 @@
 //! ```
 
 mod decoder;
+mod memory;
 mod mid_block;
 mod tiling;
 
@@ -32,6 +33,7 @@ use crate::{PipelineError, Result};
 use decoder::Decoder;
 use tiling::{TilePlan, opmath_dtype, tiled_decode};
 
+pub use memory::{DecodeEstimate, LatentSize};
 pub use tiling::Tiling;
 
 /// The config file of a diffusers model folder.
@@ -454,6 +456,22 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG_FILE), FLUX_CONFIG).expect("write config");
         let err = VaeDecoder::load(dir.path(), DType::F32, &Device::Cpu).expect_err("folder without weights loaded");
         assert!(matches!(&err, PipelineError::MissingFile { path, .. } if path.ends_with(WEIGHTS_FILE)), "{err}");
+    }
+
+    /// The parameter count from the config is the golden model's `decoder.*` tensors, element for
+    /// element (that model has no post-quant conv).
+    #[test]
+    fn weight_params_count_the_checkpoint() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/vae/model");
+        let config = VaeConfig::read(&dir.join(CONFIG_FILE)).expect("golden config");
+        let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).expect("golden weights");
+        let stored: usize = tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with("decoder."))
+            .map(|(_, tensor)| tensor.elem_count())
+            .sum();
+        assert_eq!(config.weight_params(), stored as u64);
+        assert_eq!(config.weight_bytes(DType::F16), 2 * stored as u64);
     }
 
     /// Clamping, NaN and the layout; exact .5 ties (half to even) are in the golden test.
