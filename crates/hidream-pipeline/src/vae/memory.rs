@@ -20,7 +20,7 @@ use candle_core::DType;
 
 use super::tiling::TilePlan;
 use super::{DecodeOptions, VaeConfig};
-use crate::Result;
+use crate::{PipelineError, Result};
 
 /// candle-core 0.11's CPU convolution computes this many output pixels per im2col tile
 /// (`conv2d.rs`, `TILE_SIZE`).
@@ -403,5 +403,250 @@ impl<'a> Heap<'a> {
         let biased = self.alloc(batch * c_out * pixels * elem);
         self.free(out);
         biased
+    }
+}
+
+/// The smallest query chunk [`DecodeOptions::for_budget`] picks: below it the score matrix is
+/// small beside the feature maps, and gemm takes its small-matrix paths, whose rounding differs
+/// from the unchunked product (chunks of 333 and 1024 queries were bit-identical to it on the CPU,
+/// chunks of 64 and 1 were not; see the golden test).
+const MIN_AUTO_CHUNK: usize = 256;
+
+/// The smallest latent tile [`DecodeOptions::for_budget`] picks (256 image pixels for Flux).
+const MIN_AUTO_TILE: usize = 32;
+
+/// What [`DecodeOptions::for_budget`] chose, and what it costs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DecodeChoice {
+    pub options: DecodeOptions,
+    pub estimate: DecodeEstimate,
+    /// `Some(bytes)` when tiling was chosen because no untiled decode fits: the smallest untiled
+    /// decode's total (weights and activations).
+    pub tiled_to_fit: Option<u64>,
+}
+
+impl DecodeChoice {
+    /// A sentence for the user when tiling was chosen to fit (it changes the image).
+    pub fn notice(&self, budget_bytes: u64) -> Option<String> {
+        let untiled = self.tiled_to_fit?;
+        Some(format!(
+            "the VAE decodes in tiles (blended seams: the image differs slightly from an untiled decode): \
+             untiled it needs {}, the budget is {}; a larger --budget avoids it",
+            hidream_memory::format_bytes(untiled),
+            hidream_memory::format_bytes(budget_bytes)
+        ))
+    }
+}
+
+impl DecodeOptions {
+    /// The options under which a decode of `latents` in `dtype` fits `budget_bytes` (weights and
+    /// activations), keeping what `forced` sets: its tiling, slicing and attention chunk.
+    ///
+    /// In order, it takes the first that fits: the forced options alone; the mid-block attention
+    /// in query chunks (halving from the largest power of two below the positions, not below
+    /// 256; the same function, see [`DecodeOptions::attention_chunk`]); the same with slicing;
+    /// then diffusers' default tiling (which changes the image, so the choice says so in
+    /// [`DecodeChoice::tiled_to_fit`]), chunked and sliced likewise, then tiles of half that side,
+    /// and so on down to 32 latent pixels (a latent no larger than a tile is not tiled, so at
+    /// 1024² diffusers' 128-pixel tiles do not help). If even that does not fit,
+    /// [`PipelineError::VaeBudgetTooSmall`] names the smallest budget that does.
+    pub fn for_budget(
+        config: &VaeConfig,
+        latents: LatentSize,
+        dtype: DType,
+        budget_bytes: u64,
+        forced: &DecodeOptions,
+    ) -> Result<DecodeChoice> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        choose(config, latents, dtype, budget_bytes, forced, threads)
+    }
+}
+
+/// [`DecodeOptions::for_budget`] on `threads` worker threads.
+pub(super) fn choose(
+    config: &VaeConfig,
+    latents: LatentSize,
+    dtype: DType,
+    budget_bytes: u64,
+    forced: &DecodeOptions,
+    threads: u64,
+) -> Result<DecodeChoice> {
+    let slicings: &[bool] = if forced.slicing || latents.batch == 1 { &[forced.slicing] } else { &[false, true] };
+    let mut smallest: Option<DecodeEstimate> = None;
+    let tilings = match forced.tiling {
+        Some(tiling) => vec![(Some(tiling), false)],
+        None => {
+            // diffusers' tiles, then halves of them while they stay aligned and at least
+            // `MIN_AUTO_TILE` latent pixels (a latent of one tile is not tiled at all).
+            let mut tilings = vec![(None, false)];
+            let mut tiling = config.default_tiling();
+            while tiling.tile_latent_size >= MIN_AUTO_TILE
+                && TilePlan::new(&tiling, config.upscale(), latents.height, latents.width).is_ok()
+            {
+                tilings.push((Some(tiling), true));
+                tiling.tile_latent_size /= 2;
+            }
+            tilings
+        }
+    };
+    let mut smallest_untiled: Option<u64> = None;
+    for (tiling, tiled_to_fit) in tilings {
+        for &slicing in slicings {
+            let options = DecodeOptions { tiling, slicing, ..*forced };
+            let (options, estimate) = chunk_to_fit(config, latents, dtype, budget_bytes, options, threads)?;
+            if estimate.total() <= budget_bytes {
+                let tiled_to_fit = if tiled_to_fit { smallest_untiled } else { None };
+                return Ok(DecodeChoice { options, estimate, tiled_to_fit });
+            }
+            if !tiled_to_fit {
+                smallest_untiled = Some(smallest_untiled.map_or(estimate.total(), |s| s.min(estimate.total())));
+            }
+            if smallest.is_none_or(|smallest| estimate.total() < smallest.total()) {
+                smallest = Some(estimate);
+            }
+        }
+    }
+    let minimum = smallest.map_or(0, |estimate| estimate.total());
+    Err(PipelineError::VaeBudgetTooSmall { budget: budget_bytes, minimum })
+}
+
+/// `options` with the largest automatic attention chunk that fits the budget (unless `options`
+/// forces one), or the smallest one tried.
+fn chunk_to_fit(
+    config: &VaeConfig,
+    latents: LatentSize,
+    dtype: DType,
+    budget_bytes: u64,
+    options: DecodeOptions,
+    threads: u64,
+) -> Result<(DecodeOptions, DecodeEstimate)> {
+    let mut estimate = estimate(config, latents, dtype, &options, threads)?;
+    if estimate.total() <= budget_bytes || options.attention_chunk.is_some_and(|chunk| chunk > 0) {
+        return Ok((options, estimate));
+    }
+    let mut best = options;
+    let positions = attention_positions(latents, &options);
+    let mut chunk = positions.next_power_of_two() / 2;
+    // Chunking helps only while the attention sets the peak.
+    while chunk >= MIN_AUTO_CHUNK && estimate.activations > estimate.feature_maps {
+        let candidate = DecodeOptions { attention_chunk: Some(chunk), ..options };
+        estimate = self::estimate(config, latents, dtype, &candidate, threads)?;
+        best = candidate;
+        if estimate.total() <= budget_bytes {
+            break;
+        }
+        chunk /= 2;
+    }
+    Ok((best, estimate))
+}
+
+/// The positions one mid-block attention covers: the latent's, or its largest tile's.
+fn attention_positions(latents: LatentSize, options: &DecodeOptions) -> usize {
+    let (height, width) = match &options.tiling {
+        Some(tiling) if latents.height > tiling.tile_latent_size || latents.width > tiling.tile_latent_size => {
+            (latents.height.min(tiling.tile_latent_size), latents.width.min(tiling.tile_latent_size))
+        }
+        _ => (latents.height, latents.width),
+    };
+    height * width
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vae::Tiling;
+
+    const THREADS: u64 = 2;
+
+    fn flux_total(latents: LatentSize, options: DecodeOptions) -> u64 {
+        estimate(&VaeConfig::flux(), latents, DType::F32, &options, THREADS).expect("estimate").total()
+    }
+
+    fn check(latents: LatentSize, budget: u64, forced: DecodeOptions) -> Result<DecodeChoice> {
+        let choice = choose(&VaeConfig::flux(), latents, DType::F32, budget, &forced, THREADS)?;
+        assert!(choice.estimate.total() <= budget, "{choice:?} over the budget {budget}");
+        assert_eq!(choice.estimate.total(), flux_total(latents, choice.options), "estimate of another choice");
+        Ok(choice)
+    }
+
+    /// 1536² images: the unchunked attention (4 × 5.1 GiB of scores) sets the peak.
+    const ONE: LatentSize = LatentSize { batch: 1, height: 192, width: 192 };
+    const TWO: LatentSize = LatentSize { batch: 2, height: 192, width: 192 };
+
+    #[test]
+    fn a_decode_that_fits_is_left_alone() {
+        let choice = check(ONE, u64::MAX, DecodeOptions::default()).expect("fits");
+        assert_eq!((choice.options, choice.tiled_to_fit), (DecodeOptions::default(), None));
+    }
+
+    #[test]
+    fn attention_is_chunked_first() {
+        let unchunked = flux_total(ONE, DecodeOptions::default());
+        let choice = check(ONE, unchunked - 1, DecodeOptions::default()).expect("chunked fits");
+        let chunk = choice.options.attention_chunk.expect("a chunk");
+        assert!((MIN_AUTO_CHUNK..192 * 192).contains(&chunk) && chunk.is_power_of_two(), "chunk {chunk}");
+        assert!(!choice.options.slicing && choice.options.tiling.is_none() && choice.tiled_to_fit.is_none());
+        // The largest chunk that fits: twice it does not.
+        let larger = DecodeOptions { attention_chunk: Some(2 * chunk), ..choice.options };
+        assert!(2 * chunk >= 192 * 192 || flux_total(ONE, larger) > unchunked - 1);
+    }
+
+    #[test]
+    fn then_the_batch_is_sliced() {
+        let chunked = DecodeOptions { attention_chunk: Some(MIN_AUTO_CHUNK), ..DecodeOptions::default() };
+        let budget = flux_total(TWO, chunked) - 1;
+        let choice = check(TWO, budget, DecodeOptions::default()).expect("sliced fits");
+        assert!(choice.options.slicing && choice.options.tiling.is_none(), "{choice:?}");
+    }
+
+    #[test]
+    fn tiling_is_the_last_resort_and_says_so() {
+        let smallest_untiled = DecodeOptions { attention_chunk: Some(MIN_AUTO_CHUNK), slicing: true, tiling: None };
+        let untiled = flux_total(TWO, smallest_untiled);
+        let choice = check(TWO, untiled - 1, DecodeOptions::default()).expect("tiled fits");
+        assert_eq!(choice.options.tiling, Some(VaeConfig::flux().default_tiling()));
+        assert_eq!(choice.tiled_to_fit, Some(untiled));
+        assert!(choice.notice(untiled - 1).is_some_and(|notice| notice.contains("tiles")));
+    }
+
+    /// At 1024² diffusers' 128-latent-pixel tiles cover the latent whole; halved tiles help.
+    #[test]
+    fn tiles_are_halved_when_diffusers_tiles_do_not_tile() {
+        let latents = LatentSize { batch: 1, height: 128, width: 128 };
+        let untiled = flux_total(latents, DecodeOptions::default());
+        let choice = check(latents, untiled - 1, DecodeOptions::default()).expect("halved tiles fit");
+        let tiling = choice.options.tiling.expect("tiled");
+        assert_eq!(tiling.tile_latent_size, 64);
+        assert_eq!(choice.tiled_to_fit, Some(untiled));
+    }
+
+    #[test]
+    fn too_small_a_budget_names_the_minimum() {
+        let err = check(TWO, 1 << 20, DecodeOptions::default()).expect_err("1 MiB fits");
+        let PipelineError::VaeBudgetTooSmall { budget, minimum } = err else { panic!("{err}") };
+        assert_eq!(budget, 1 << 20);
+        assert!(err_message_has_both(minimum, budget));
+        // The minimum is exact: it fits, a byte less does not.
+        check(TWO, minimum, DecodeOptions::default()).expect("the minimum fits");
+        assert!(check(TWO, minimum - 1, DecodeOptions::default()).is_err());
+    }
+
+    fn err_message_has_both(minimum: u64, budget: u64) -> bool {
+        let message = PipelineError::VaeBudgetTooSmall { budget, minimum }.to_string();
+        message.contains(&hidream_memory::format_bytes(minimum)) && message.contains("--budget")
+    }
+
+    #[test]
+    fn forced_options_are_kept() {
+        let tiling = Some(Tiling { tile_latent_size: 64, overlap_factor: 0.25 });
+        let forced = DecodeOptions { tiling, ..DecodeOptions::default() };
+        let choice = check(TWO, u64::MAX, forced).expect("fits");
+        assert_eq!((choice.options, choice.tiled_to_fit), (forced, None));
+        // A forced chunk stays even where it does not fit: the choice slices instead.
+        let forced = DecodeOptions { attention_chunk: Some(192 * 192), ..DecodeOptions::default() };
+        let budget = flux_total(TWO, forced) - 1;
+        let choice = check(TWO, budget, forced).expect("sliced fits");
+        assert_eq!(choice.options.attention_chunk, forced.attention_chunk);
+        assert!(choice.options.slicing);
     }
 }
