@@ -51,12 +51,13 @@ pub struct GenerateArgs {
     /// Compute dtype of every stage.
     #[arg(long, default_value = "bf16")]
     dtype: hidream_config::DType,
-    /// Decode the VAE in overlapping tiles (less memory; blended seams).
+    /// Decode the VAE in overlapping tiles (less memory; blended seams). Without it, tiling is
+    /// chosen only when no untiled decode fits --budget (a note says so).
     #[arg(long)]
     vae_tiling: bool,
     /// Evaluate the VAE mid block's attention over every latent position in chunks of this many
     /// query positions (the same function, within f32 rounding; bounds its score matrix, 1 GiB
-    /// at 1024² unchunked); at least 1.
+    /// at 1024² unchunked); at least 1. Without it, a chunk is chosen to fit --budget.
     #[arg(long, value_parser = crate::parse::positive, allow_negative_numbers = true)]
     vae_attention_chunk: Option<usize>,
     /// The PNG to write (whole or not at all).

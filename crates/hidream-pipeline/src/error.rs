@@ -29,6 +29,15 @@ pub enum PipelineError {
     /// A required file is missing from a model folder.
     #[error("missing {path}: {hint}")]
     MissingFile { path: PathBuf, hint: String },
+    /// Not even the VAE decode that holds the least (tiled, sliced, its attention in chunks) fits
+    /// the budget.
+    #[error(
+        "the VAE decode needs at least {} (its weights and a tiled, sliced decode with chunked attention), \
+         but the budget is {}; raise --budget or generate a smaller image",
+        hidream_memory::format_bytes(*minimum),
+        hidream_memory::format_bytes(*budget)
+    )]
+    VaeBudgetTooSmall { budget: u64, minimum: u64 },
     /// A tensor or setting has the wrong shape or value.
     #[error("{what}: {problem}")]
     Invalid { what: String, problem: String },

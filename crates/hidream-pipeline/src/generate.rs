@@ -9,8 +9,9 @@
 //! 4. **Denoising**: the variant's official sampler; `noise_pred = -transformer(..)`, then
 //!    `uncond + g · (cond − uncond)`; both halves go through each block per load. The transformer
 //!    runs under the caller's memory policy with the per-prompt precomputation.
-//! 5. **VAE**: `latents / scaling_factor + shift_factor`, decoded (tiled or sliced if asked),
-//!    then diffusers' postprocessing to u8 pixels.
+//! 5. **VAE**: `latents / scaling_factor + shift_factor`, decoded, then diffusers' postprocessing
+//!    to u8 pixels. The decode's options are the caller's where set; the rest are chosen to fit the
+//!    run's budget (attention chunks, then slicing, then tiling, which a notice announces).
 //!
 //! The stages run in sequence and each frees what it loaded before the next starts, so the peak is
 //! that of the largest stage, not the sum.
@@ -29,7 +30,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::runner::{RunnerConfig, TransformerRunner, candle_dtype};
 use crate::sampling::{pipeline_shift_for_transformer, scheduler_config_for_variant};
-use crate::vae::{DecodeOptions, VaeConfig, VaeDecoder, postprocess};
+use crate::vae::{DecodeOptions, LatentSize, VaeConfig, VaeDecoder, postprocess};
 use crate::{PipelineError, Result};
 
 /// A HiDream-I1 model folder in the Hugging Face layout, plus the Llama folder it needs.
@@ -365,11 +366,37 @@ pub fn generate(
     // 5. VAE.
     observe(Event::StageStarted(Stage::Vae));
     let started = Instant::now();
+    let vae_options = vae_options_for(&vae_config, &latents, settings, device, observe)?;
     let vae = VaeDecoder::load(&folder.vae(), candle_dtype(settings.vae_dtype), device)?;
-    let images = vae.decode(&latents, &settings.vae)?;
+    let images = vae.decode(&latents, &vae_options)?;
     let pixels = postprocess(&images)?;
     observe(Event::StageFinished(Stage::Vae, started.elapsed().as_secs_f64()));
     Ok(Generated { images, pixels, latents, size: (width, height), steps, guidance, plan })
+}
+
+/// The VAE's decode options: `settings.vae` as forced, the rest chosen by
+/// [`DecodeOptions::for_budget`] under the run's budget (the whole of it: the stages run one after
+/// another and each frees its weights), or on a GPU without one, its free memory. On the CPU
+/// without a budget, `settings.vae` as is. A notice says when tiling was chosen to fit.
+fn vae_options_for(
+    config: &VaeConfig,
+    latents: &Tensor,
+    settings: &GenerateSettings,
+    device: &Device,
+    observe: &mut dyn FnMut(Event<'_>),
+) -> Result<DecodeOptions> {
+    let budget = match settings.transformer.policy {
+        hidream_memory::Policy::Budget { budget_bytes, .. } => Some(budget_bytes),
+        _ => hidream_device::device_memory(device).map(|memory| memory.total.saturating_sub(memory.driver_used)),
+    };
+    let Some(budget) = budget else { return Ok(settings.vae) };
+    let (batch, _, height, width) = latents.dims4()?;
+    let latents = LatentSize { batch, height, width };
+    let choice = DecodeOptions::for_budget(config, latents, candle_dtype(settings.vae_dtype), budget, &settings.vae)?;
+    if let Some(notice) = choice.notice(budget) {
+        observe(Event::Notice(notice));
+    }
+    Ok(choice.options)
 }
 
 fn check_shape(what: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {

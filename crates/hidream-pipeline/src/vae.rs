@@ -2,6 +2,9 @@
 //! VAE), from transformer-space latents to images in [-1, 1], with diffusers' tiling and slicing,
 //! and diffusers' uint8 postprocess.
 //!
+//! Its memory model (`memory.rs`) predicts the decode's weights and heap peak from the config and
+//! picks the decode options under a budget.
+//!
 //! It loads a diffusers `vae/` folder (`config.json` + `diffusion_pytorch_model.safetensors`, or a
 //! pipeline root holding `vae/`) with diffusers' key names. Only the decoder's weights are read.
 //!
@@ -19,6 +22,7 @@
 //! ```
 
 mod decoder;
+mod memory;
 mod mid_block;
 mod tiling;
 
@@ -32,6 +36,7 @@ use crate::{PipelineError, Result};
 use decoder::Decoder;
 use tiling::{TilePlan, opmath_dtype, tiled_decode};
 
+pub use memory::{DecodeChoice, DecodeEstimate, LatentSize};
 pub use tiling::Tiling;
 
 /// The config file of a diffusers model folder.
@@ -161,10 +166,13 @@ impl VaeConfig {
 
 /// How [`VaeDecoder::decode`] spends memory; the default decodes the whole batch at once.
 ///
-/// Peak activation memory of the Flux decoder, measured as peak RSS on the CPU in f32, batch 1:
-/// 0.42 GiB for a 256² image, 1.5 GiB for 512², growing about 4× per doubling of the side (so
-/// about 6 GiB for 1024², extrapolated). Slicing holds one image's activations at a time;
-/// 256-pixel tiles (`tile_latent_size` 32) kept a 512² decode at 0.43 GiB, for twice the time.
+/// [`DecodeEstimate::new`] predicts a decode's heap peak under these options from the config
+/// alone, and [`DecodeOptions::for_budget`] picks them under a memory budget (chunks first, then
+/// slicing, then tiling). For the Flux decoder in f32, batch 1, it predicts 5.9 GB of activations
+/// for a 1024² image, set by the last up block's 128- and 256-channel maps at full resolution
+/// (peak RSS measured earlier: 0.42 GiB for 256², 1.5 GiB for 512²). Slicing holds one image's
+/// activations at a time; 256-pixel tiles (`tile_latent_size` 32) kept a 512² decode at 0.43 GiB,
+/// for twice the time.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct DecodeOptions {
     /// Decode in overlapping tiles (diffusers' `enable_tiling()`). The result differs from an
@@ -175,8 +183,11 @@ pub struct DecodeOptions {
     pub slicing: bool,
     /// Evaluate the mid block's attention (over every latent position) in chunks of this many
     /// query positions, so that its f32 score matrix is `[chunk, positions]` instead of
-    /// `[positions, positions]` (1 GiB at 1024²). Unlike tiling this computes the same function:
-    /// the result is within a few f32 ulps of the unchunked decode. `None` or 0: unchunked.
+    /// `[positions, positions]` (1 GiB at 1024², and the softmax holds three more of its size).
+    /// Unlike tiling this computes the same function: the result is within a few f32 ulps of the
+    /// unchunked decode, and on the CPU bit-identical at chunks of a few hundred queries or more
+    /// (gemm rounds its small-matrix paths differently; see the golden test). `None` or 0:
+    /// unchunked.
     pub attention_chunk: Option<usize>,
 }
 
@@ -454,6 +465,22 @@ mod tests {
         std::fs::write(dir.path().join(CONFIG_FILE), FLUX_CONFIG).expect("write config");
         let err = VaeDecoder::load(dir.path(), DType::F32, &Device::Cpu).expect_err("folder without weights loaded");
         assert!(matches!(&err, PipelineError::MissingFile { path, .. } if path.ends_with(WEIGHTS_FILE)), "{err}");
+    }
+
+    /// The parameter count from the config is the golden model's `decoder.*` tensors, element for
+    /// element (that model has no post-quant conv).
+    #[test]
+    fn weight_params_count_the_checkpoint() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/vae/model");
+        let config = VaeConfig::read(&dir.join(CONFIG_FILE)).expect("golden config");
+        let tensors = candle_core::safetensors::load(dir.join(WEIGHTS_FILE), &Device::Cpu).expect("golden weights");
+        let stored: usize = tensors
+            .iter()
+            .filter(|(name, _)| name.starts_with("decoder."))
+            .map(|(_, tensor)| tensor.elem_count())
+            .sum();
+        assert_eq!(config.weight_params(), stored as u64);
+        assert_eq!(config.weight_bytes(DType::F16), 2 * stored as u64);
     }
 
     /// Clamping, NaN and the layout; exact .5 ties (half to even) are in the golden test.

@@ -19,8 +19,8 @@ use hidream_memory::{Plan, Policy};
 use hidream_model::AttentionConfig;
 use hidream_pipeline::generate::{Event, GenerateRequest, GenerateSettings, Generated, ModelFolder, generate};
 use hidream_pipeline::runner::RunnerConfig;
-use hidream_pipeline::vae::DecodeOptions;
-use hidream_pipeline::{Precompute, UnitTable};
+use hidream_pipeline::vae::{DecodeOptions, LatentSize, VaeConfig};
+use hidream_pipeline::{PipelineError, Precompute, UnitTable};
 use hidream_test_support::{ensure_bit_identical, ensure_close, scale};
 
 const TOLERANCE: f32 = 1e-4;
@@ -109,10 +109,20 @@ fn check(case: &str) -> Result<()> {
     println!("{case}: {differing} of {} pixel values differ, by at most {worst}", pixels.len());
     assert!(worst <= 1 && differing * 200 <= pixels.len(), "{case}: pixels differ too much");
 
-    // The same run streaming under the tightest budget is bit-identical.
+    // The same run streaming under the tightest budget is bit-identical: the transformer's
+    // minimum, or the VAE decode's where that is larger (the VAE gets the whole budget too).
     let cfg = hidream_weights::Checkpoint::open(&golden_dir().join("model/transformer"))?.config()?;
     let table = UnitTable::new(&cfg, hidream_config::DType::F32, Precompute::PerPrompt);
-    let minimum = Plan::minimum_budget(table.specs(), 1);
+    let vae_config = VaeConfig::read(&golden_dir().join("model/vae/config.json"))?;
+    let (_, _, height, width) = generated.latents.dims4()?;
+    let latents = LatentSize { batch: 1, height, width };
+    let vae_minimum =
+        match DecodeOptions::for_budget(&vae_config, latents, candle_core::DType::F32, 0, &DecodeOptions::default()) {
+            Err(PipelineError::VaeBudgetTooSmall { minimum, .. }) => minimum,
+            other => return Err(anyhow!("a VAE decode fits 0 bytes: {other:?}")),
+        };
+    let minimum = Plan::minimum_budget(table.specs(), 1).max(vae_minimum);
+    println!("{case}: streaming under {minimum} bytes (VAE minimum {vae_minimum})");
     let streamed = run(case, Policy::Budget { budget_bytes: minimum, prefetch: 1 })?;
     ensure_bit_identical(
         &format!("{case}: streamed vs resident latents"),

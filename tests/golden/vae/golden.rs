@@ -189,6 +189,27 @@ fn chunked_mid_block_attention_matches() -> Result<()> {
     Ok(())
 }
 
+/// Chunked attention against unchunked at a size where gemm blocks its reductions (1600
+/// positions, more than its 512-deep blocks). On the machine this was written on, chunks of 333
+/// and 1024 queries were bit-identical to the unchunked decode and chunks of 64 and 1 (where gemm
+/// takes its small-matrix paths) were not; that depends on gemm's CPU-specific paths, so the test
+/// asserts the golden bound of 1e-5 × scale (measured worst: about 6e-6, at chunks 1 and 64, on images up to
+/// about 3) and prints the rest.
+#[test]
+fn chunked_attention_on_a_larger_latent() -> Result<()> {
+    let vae = load_vae(DType::F32, &Device::Cpu)?;
+    let latents = Tensor::randn(0f32, 1.0, (1, 16, 40, 40), &Device::Cpu)?;
+    let whole = vae.decode(&latents, &DecodeOptions::default())?;
+    for chunk in [1, 64, 333, 1024] {
+        let options = DecodeOptions { attention_chunk: Some(chunk), ..DecodeOptions::default() };
+        let chunked = vae.decode(&latents, &options)?;
+        let bit_identical = ensure_bit_identical("chunked", &chunked, &whole).is_ok();
+        println!("chunk {chunk}: max diff {:e}, bit-identical {bit_identical}", compare(&chunked, &whole)?.diff());
+        ensure_close(&format!("40x40: chunk {chunk} vs unchunked"), &chunked, &whole, 1e-5 * scale(&whole)?)?;
+    }
+    Ok(())
+}
+
 /// A latent no larger than one tile is decoded whole, as diffusers' `_decode` does (4×4 latents
 /// would otherwise make 2×2 tiles, since tiles start every 3).
 #[test]

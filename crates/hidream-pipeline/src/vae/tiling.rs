@@ -81,6 +81,18 @@ impl TilePlan {
     }
 }
 
+impl TilePlan {
+    /// The largest latent tile of a `height × width` latent: `(rows, columns)`.
+    pub(crate) fn largest_tile(&self, height: usize, width: usize) -> (usize, usize) {
+        (self.tile_latent_size.min(height), self.tile_latent_size.min(width))
+    }
+
+    /// How many tiles a row of tiles has.
+    pub(crate) fn columns(&self) -> usize {
+        self.col_starts.len()
+    }
+}
+
 /// Decodes `latents` `[B, C, h, w]` tile by tile with `decode_tile` and stitches the result.
 pub(crate) fn tiled_decode(
     latents: &Tensor,
