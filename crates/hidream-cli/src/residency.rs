@@ -100,7 +100,16 @@ impl ResidencyArgs {
         let kind = self.residency.unwrap_or(if self.budget.is_some() { PolicyKind::Budget } else { PolicyKind::All });
         let policy = match (kind, self.budget) {
             (PolicyKind::Budget, Some(budget)) => {
-                Policy::Budget { budget_bytes: budget.resolve(total), prefetch: self.prefetch }
+                let budget_bytes = budget.resolve(total);
+                if let Budget::FractionOfWeights(fraction) = budget {
+                    eprintln!(
+                        "note: --budget {}% is that share of the transformer's {} of weights in {dtype}: {}",
+                        fraction * 100.0,
+                        hidream_memory::format_bytes(total),
+                        hidream_memory::format_bytes(budget_bytes),
+                    );
+                }
+                Policy::Budget { budget_bytes, prefetch: self.prefetch }
             }
             (PolicyKind::Budget, None) => bail!("--residency budget needs --budget (e.g. 8GiB or 25%)"),
             (other, Some(_)) => bail!("--budget applies to --residency budget, not `{other}`"),

@@ -64,8 +64,8 @@ fn generates_a_png_through_every_stage() {
         path(&out),
         "--report",
         path(&report),
-        "--budget",
-        "60%",
+        "--residency",
+        "stream",
     ]);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
@@ -164,4 +164,38 @@ fn an_interrupt_stops_the_run_and_leaves_no_output() {
     assert!(!rest.contains("panicked"), "{rest}");
     let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|entry| entry.unwrap().file_name()).collect();
     assert!(left.is_empty(), "an interrupted run left {left:?}");
+}
+
+/// A budget that a stage cannot run under stops `generate` before the first stage starts: the one
+/// error names the stage and the smallest budget that works, and no stage has run.
+#[test]
+fn a_budget_too_small_for_a_stage_stops_before_any_stage_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, llama) = (golden().join("model"), golden().join("llama"));
+    let out = dir.path().join("x.png");
+    let output = hidream(&[
+        "generate",
+        "--model",
+        path(&model),
+        "--llama",
+        path(&llama),
+        "--prompt",
+        "a fox",
+        "--steps",
+        "2",
+        "--default-sample-size",
+        "16",
+        "--dtype",
+        "f32",
+        "--budget",
+        "1KiB",
+        "--out",
+        path(&out),
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("the denoising (the transformer) stage cannot run"), "{stderr}");
+    assert!(stderr.contains("the smallest budget that works is"), "{stderr}");
+    assert!(!stderr.contains("text encoders:"), "no stage ran first: {stderr}");
+    assert!(!out.exists());
 }

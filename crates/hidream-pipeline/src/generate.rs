@@ -268,6 +268,10 @@ pub fn generate(
     // the text encoders load.
     crate::runner::plan_transformer(&transformer_cfg, &settings.transformer)
         .map_err(|err| err.in_stage(Stage::Denoise))?;
+    // So are the VAE's decode options, for the latents' size.
+    let decoded = LatentSize { batch: latent_shape.0, height: latent_shape.2, width: latent_shape.3 };
+    let vae_options =
+        vae_options_for(&vae_config, decoded, settings, device, observe).map_err(|err| err.in_stage(Stage::Vae))?;
 
     // 2. Text.
     observe(Event::StageStarted(Stage::Text));
@@ -366,7 +370,6 @@ pub fn generate(
     // 5. VAE.
     observe(Event::StageStarted(Stage::Vae));
     let started = Instant::now();
-    let vae_options = vae_options_for(&vae_config, &latents, settings, device, observe)?;
     let vae = VaeDecoder::load(&folder.vae(), candle_dtype(settings.vae_dtype), device)?;
     let images = vae.decode(&latents, &vae_options)?;
     let pixels = postprocess(&images)?;
@@ -380,7 +383,7 @@ pub fn generate(
 /// without a budget, `settings.vae` as is. A notice says when tiling was chosen to fit.
 fn vae_options_for(
     config: &VaeConfig,
-    latents: &Tensor,
+    latents: LatentSize,
     settings: &GenerateSettings,
     device: &Device,
     observe: &mut dyn FnMut(Event<'_>),
@@ -390,8 +393,6 @@ fn vae_options_for(
         _ => hidream_device::device_memory(device).map(|memory| memory.total.saturating_sub(memory.driver_used)),
     };
     let Some(budget) = budget else { return Ok(settings.vae) };
-    let (batch, _, height, width) = latents.dims4()?;
-    let latents = LatentSize { batch, height, width };
     let choice = DecodeOptions::for_budget(config, latents, candle_dtype(settings.vae_dtype), budget, &settings.vae)?;
     if let Some(notice) = choice.notice(budget) {
         observe(Event::Notice(notice));
