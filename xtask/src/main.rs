@@ -5,11 +5,13 @@
 //! - `demo` synthesises the `small` model and runs a forward (the README's first command).
 //! - `bench-forward` times the Rust forward against diffusers on the same weights, side by side.
 //! - `bench-memory` runs `hidream denoise` under every memory policy: the memory report and gate.
+//! - `bench-full` runs the whole 17.1B architecture from disk under budgets far below its size.
 //!
 //! xtask keeps few dependencies: it drives `cargo` and the `hidream` binary as processes.
 #![forbid(unsafe_code)]
 
 mod bench_forward;
+mod bench_full;
 mod bench_memory;
 mod layering;
 mod util;
@@ -37,6 +39,9 @@ enum Command {
     /// Run `hidream denoise` under every memory policy; report, and gate the byte figures against
     /// bench/memory-baseline.toml.
     BenchMemory(bench_memory::Args),
+    /// Synthesise the full model in bf16 on disk (34 GB) and run Dev steps under 8, 4 and 2 GiB
+    /// budgets: peaks, disk bytes, seconds and the planner's prediction (not in CI).
+    BenchFull(bench_full::Args),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +51,7 @@ fn main() -> Result<()> {
         Command::Demo => demo(),
         Command::BenchForward(args) => bench_forward::run(&args),
         Command::BenchMemory(args) => bench_memory::run(&args),
+        Command::BenchFull(args) => bench_full::run(&args),
     }
 }
 
