@@ -3,7 +3,8 @@
 //!
 //! - [`clip::ClipTextEncoder`]: CLIP-L (`text_encoder/`, `tokenizer/`) and CLIP-G
 //!   (`text_encoder_2/`, `tokenizer_2/`), projected pooled embeddings, concatenated
-//!   `[CLIP-L | CLIP-G]` into the pooled embeds `[B, 768 + 1280]`.
+//!   `[CLIP-L | CLIP-G]` into the pooled embeds `[B, 768 + 1280]`; [`clip::ClipStem`] runs it one
+//!   layer at a time for a streaming caller.
 //! - [`t5::T5TextEncoder`]: the T5-XXL encoder (`text_encoder_3/`, `tokenizer_3/`), last hidden
 //!   state `[B, 128, 4096]`.
 //! - [`llama::LlamaTextEncoder`]: Llama-3.1-8B-Instruct, every layer's hidden state
@@ -21,7 +22,7 @@
 //!
 //! This is the only crate of the workspace that knows tokenizers and the Hub cache (the
 //! `tokenizers` and `hf-hub` crates). It must NOT know the transformer (hidream-model), the
-//! pipeline, the samplers or the command line. T5 and Llama stream by layer through
+//! pipeline, the samplers or the command line. All four encoders stream by layer through
 //! hidream-memory's residency runtime ([`streamed`]), with no HiDream transformer types involved.
 #![forbid(unsafe_code)]
 

@@ -1,8 +1,10 @@
 //! Text encoders under a memory policy: their layers stream through hidream-memory's residency
 //! runtime exactly as the transformer's blocks do.
 //!
-//! An encoder is a [`LayerStack`]: a stem that stays resident (tokenizer, embedding, final norm)
-//! and layers that run once per prompt batch, in order. Each layer is a unit of the planner,
+//! An encoder is a [`LayerStack`]: a stem that stays resident (tokenizer, embeddings, final norm,
+//! and for CLIP the projection) and layers that run once per prompt batch, in order: CLIP-L and
+//! CLIP-G ([`encode_clip_streamed`]), T5 ([`encode_t5_streamed`]) and Llama
+//! ([`encode_llama_streamed`]). Each layer is a unit of the planner,
 //! loaded into a reusable slot buffer; the rest is the runtime's. The output is bit-identical to
 //! the all-resident encoder: the same tensors load and convert the same way.
 
@@ -16,6 +18,7 @@ use hidream_memory::{
 };
 use hidream_weights::Checkpoint;
 
+use crate::clip::{ClipLayer, ClipStem};
 use crate::llama::{LlamaLayer, LlamaStem};
 use crate::t5::{T5Block, T5Stem};
 use crate::{Result, TextError};
@@ -107,6 +110,52 @@ pub fn encode_t5_streamed(
     let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |block| stem.run_block(&mut pass, block))?;
     let hidden_states = stem.finish(pass)?;
     Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+}
+
+/// Encodes `prompts` with CLIP's encoder layers placed by `policy`; the hidden states are the
+/// projected pooled `text_embeds` `[B, projection_dim]`.
+pub fn encode_clip_streamed(
+    encoder_dir: &std::path::Path,
+    tokenizer_dir: &std::path::Path,
+    prompts: &[&str],
+    policy: Policy,
+    dtype: DType,
+    device: &Device,
+) -> Result<StreamedEncode> {
+    let stem = Arc::new(ClipStem::load(encoder_dir, tokenizer_dir, dtype, device)?);
+    let tokens = stem.tokenizer().encode(prompts)?;
+    let mut pass = stem.begin(tokens)?;
+    let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |layer| stem.run_layer(&mut pass, layer))?;
+    let hidden_states = stem.finish(pass)?;
+    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+}
+
+impl LayerStack for ClipStem {
+    type Layer = ClipLayer;
+
+    fn checkpoint(&self) -> &Checkpoint {
+        ClipStem::checkpoint(self)
+    }
+
+    fn n_layers(&self) -> usize {
+        self.config().num_hidden_layers
+    }
+
+    fn layer_prefix(&self, layer_idx: usize) -> String {
+        ClipLayer::prefix(layer_idx)
+    }
+
+    fn build_layer(&self, layer_idx: usize, vb: VarBuilder<'static>) -> Result<ClipLayer> {
+        ClipStem::build_layer(self, layer_idx, vb)
+    }
+
+    fn dtype(&self) -> DType {
+        ClipStem::dtype(self)
+    }
+
+    fn device(&self) -> &Device {
+        ClipStem::device(self)
+    }
 }
 
 impl LayerStack for LlamaStem {

@@ -219,6 +219,7 @@ fn check_streamed(
         Policy::Stream { prefetch: 2 },
         Policy::Budget { budget_bytes: minimum, prefetch: 1 },
         Policy::Budget { budget_bytes: minimum + specs[0].bytes, prefetch: 1 },
+        Policy::Budget { budget_bytes: Plan::minimum_budget(specs, 0), prefetch: 0 },
     ] {
         let streamed = encode(policy)?;
         ensure_bit_identical(&format!("{policy}: streamed vs resident"), &streamed.hidden_states, resident)?;
@@ -226,6 +227,9 @@ fn check_streamed(
             assert!(streamed.peak_weight_bytes <= budget_bytes, "{policy}: over budget");
         }
         let n_streamed = streamed.plan.streamed().len() as u64;
+        if matches!(policy, Policy::Sequential | Policy::Budget { prefetch: 0, .. }) {
+            ensure!(n_streamed > 0, "{policy}: nothing streamed");
+        }
         assert_eq!(streamed.stats.units_loaded, n_streamed, "{policy}: a layer loaded twice or for nothing");
         assert_eq!(streamed.stats.units_delivered, n_streamed, "{policy}");
     }
@@ -259,4 +263,70 @@ fn t5_streamed_under_any_policy_is_bit_identical() -> Result<()> {
     check_streamed(&resident, &specs, |policy| {
         Ok(encode_t5_streamed(&paths.t5, &paths.t5_tokenizer, &prompts, policy, DType::F32, &Device::Cpu)?)
     })
+}
+
+/// CLIP-L's and CLIP-G's encoder layers streamed through the same runtime.
+#[test]
+fn clip_streamed_under_any_policy_is_bit_identical() -> Result<()> {
+    use hidream_text::clip::ClipStem;
+    use hidream_text::streamed::{encode_clip_streamed, layer_specs};
+    let golden = Golden::load()?;
+    let prompts = golden.prompts();
+    let paths = paths();
+    for (encoder_dir, tokenizer_dir) in
+        [(&paths.clip_l, &paths.clip_l_tokenizer), (&paths.clip_g, &paths.clip_g_tokenizer)]
+    {
+        let resident = ClipTextEncoder::load(encoder_dir, tokenizer_dir, DType::F32, &Device::Cpu)?.encode(&prompts)?;
+        let specs = layer_specs(&ClipStem::load(encoder_dir, tokenizer_dir, DType::F32, &Device::Cpu)?)?;
+        ensure!(specs.len() >= 2, "{}: too few layers to stream", encoder_dir.display());
+        check_streamed(&resident, &specs, |policy| {
+            Ok(encode_clip_streamed(encoder_dir, tokenizer_dir, &prompts, policy, DType::F32, &Device::Cpu)?)
+        })?;
+    }
+    Ok(())
+}
+
+/// CLIP-L (`quick_gelu`) runs candle-transformers' own encoder layers one at a time: the result is
+/// its whole `ClipTextTransformer`'s, pooled and projected, bit for bit.
+#[test]
+fn clip_l_layer_by_layer_equals_candle_transformers() -> Result<()> {
+    use candle_core::{IndexOp, Module};
+    use candle_transformers::models::clip::text_model::{Activation, ClipTextConfig, ClipTextTransformer};
+    let golden = Golden::load()?;
+    let paths = paths();
+    let device = Device::Cpu;
+    let encoder = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, DType::F32, &device)?;
+    let tokens = encoder.tokenizer().encode(&golden.prompts())?;
+    let ours = encoder.forward(&tokens)?;
+
+    let config = encoder.config();
+    ensure!(config.hidden_act == "quick_gelu" && config.eos_token_id == 2, "the CLIP-L fixture changed");
+    let candle_config = ClipTextConfig {
+        vocab_size: config.vocab_size,
+        embed_dim: config.hidden_size,
+        activation: Activation::QuickGelu,
+        intermediate_size: config.intermediate_size,
+        max_position_embeddings: config.max_position_embeddings,
+        pad_with: None,
+        num_hidden_layers: config.num_hidden_layers,
+        num_attention_heads: config.num_attention_heads,
+        projection_dim: config.projection_dim,
+    };
+    let vb =
+        hidream_weights::Checkpoint::open(&paths.clip_l.join("model.safetensors"))?.var_builder(DType::F32, &device);
+    let model = ClipTextTransformer::new(vb.pp("text_model"), &candle_config)?;
+    let projection = candle_nn::linear_no_bias(config.hidden_size, config.projection_dim, vb.pp("text_projection"))?;
+    let hidden = model.forward_with_mask(&tokens.ids_tensor(&device)?, usize::MAX)?;
+    // Legacy pooling (eos_token_id 2): the first largest id of each prompt.
+    let pooled = tokens
+        .ids()
+        .iter()
+        .enumerate()
+        .map(|(batch_idx, row)| {
+            let max = row.iter().copied().max().unwrap_or(0);
+            hidden.i((batch_idx, row.iter().position(|&id| id == max).unwrap_or(0)))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let theirs = projection.forward(&Tensor::stack(&pooled, 0)?)?;
+    ensure_bit_identical("CLIP-L layer by layer vs candle-transformers", &ours, &theirs)
 }
