@@ -34,6 +34,14 @@ use crate::{Result, TextError};
 
 /// The CLIP token limit `_get_clip_prompt_embeds` applies instead of the tokenizer's.
 const CLIP_TOKEN_LIMIT: usize = 218;
+/// The stem's tensors, as [`ClipStem::load`] loads them.
+pub(crate) const STEM_TENSORS: [&str; 5] = [
+    "text_model.embeddings.token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight",
+    "text_model.final_layer_norm.weight",
+    "text_model.final_layer_norm.bias",
+    "text_projection.weight",
+];
 /// The tokens every prompt is truncated and padded to.
 pub(crate) const CLIP_TOKEN_COUNT: usize =
     if MAX_SEQUENCE_LENGTH < CLIP_TOKEN_LIMIT { MAX_SEQUENCE_LENGTH } else { CLIP_TOKEN_LIMIT };
@@ -191,6 +199,21 @@ impl ClipStem {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The bytes of the stem's weights as loaded: what stays on the device while layers stream.
+    pub fn resident_bytes(&self) -> u64 {
+        let bias = self.final_layer_norm.bias().into_iter();
+        [
+            self.token_embedding.embeddings(),
+            self.position_embedding.embeddings(),
+            self.final_layer_norm.weight(),
+            self.text_projection.weight(),
+        ]
+        .into_iter()
+        .chain(bias)
+        .map(crate::stage::loaded_bytes)
+        .sum()
     }
 
     /// Builds layer `layer_idx` from a `VarBuilder` over full checkpoint keys (a checkpoint's, or

@@ -16,6 +16,11 @@
 //! to [`MAX_SEQUENCE_LENGTH`] tokens as the pipeline does. The negative prompt is the caller's
 //! business (diffusers encodes `""`).
 //!
+//! Each encoder is a stage under the pipeline's memory policy: its stem stays resident and its
+//! layers are placed by the policy, the stem counting against the same budget.
+//! [`text_stage_plans`] plans every stage from `config.json` and the safetensors headers, before
+//! anything large is loaded.
+//!
 //! Weights are read through `hidream_weights::Checkpoint`: a folder with one `*.safetensors` file,
 //! or transformers' `model.safetensors.index.json` with its shards. [`resolve_folder`] finds a
 //! model folder in the local Hugging Face Hub cache.
@@ -30,6 +35,7 @@ pub mod clip;
 mod error;
 mod hub;
 pub mod llama;
+mod stage;
 pub mod streamed;
 pub mod t5;
 mod tokenize;
@@ -44,6 +50,7 @@ pub use clip::ClipTextEncoder;
 pub use error::{Result, TextError};
 pub use hub::resolve_folder;
 pub use llama::{LlamaLayer, LlamaPass, LlamaStem, LlamaTextEncoder};
+pub use stage::{TextEncoderKind, TextStagePlan, text_stage_plan, text_stage_plans};
 pub use t5::T5TextEncoder;
 pub use tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 
