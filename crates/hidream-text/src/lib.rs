@@ -50,7 +50,7 @@ pub use clip::ClipTextEncoder;
 pub use error::{Result, TextError};
 pub use hub::resolve_folder;
 pub use llama::{LlamaLayer, LlamaPass, LlamaStem, LlamaTextEncoder};
-pub use stage::{TextEncoderKind, TextStagePlan, text_stage_plan, text_stage_plans};
+pub use stage::{TextEncoderKind, TextStagePlan, Truncation, text_stage_plan, text_stage_plans};
 pub use t5::T5TextEncoder;
 pub use tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 

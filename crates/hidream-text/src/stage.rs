@@ -92,6 +92,37 @@ impl TextStagePlan {
     }
 }
 
+/// A prompt longer than an encoder takes, cut as diffusers cuts it (the tokenizer's truncation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Truncation {
+    pub encoder: TextEncoderKind,
+    /// The prompt's index in the batch.
+    pub prompt_idx: usize,
+    /// The tokens the encoder sees, special tokens included.
+    pub kept_tokens: usize,
+    /// The tokens cut off the end.
+    pub dropped_tokens: usize,
+}
+
+impl Truncation {
+    /// The truncations of one encoder's tokenized batch.
+    pub fn of(encoder: TextEncoderKind, tokens: &crate::Tokens) -> impl Iterator<Item = Truncation> + '_ {
+        tokens.dropped().iter().enumerate().filter(|&(_, &dropped)| dropped > 0).map(move |(prompt_idx, &dropped)| {
+            Truncation { encoder, prompt_idx, kept_tokens: tokens.len(), dropped_tokens: dropped }
+        })
+    }
+}
+
+impl fmt::Display for Truncation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "prompt {} truncated to {} tokens for {} ({} tokens dropped)",
+            self.prompt_idx, self.kept_tokens, self.encoder, self.dropped_tokens
+        )
+    }
+}
+
 /// Plans every text stage, in the pipeline's order, from each folder's `config.json` and
 /// safetensors headers: no weight is read and no tokenizer is loaded. Fails with
 /// [`TextError::StageBudgetTooSmall`] for the first stage that the policy's budget cannot hold.

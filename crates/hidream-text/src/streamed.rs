@@ -7,8 +7,8 @@
 //! ([`encode_llama_streamed`]). Each layer is a unit of the planner,
 //! loaded into a reusable slot buffer; the rest is the runtime's. The stem counts against the same
 //! budget: it is the ledger's first reservation, and the layers are planned in what it leaves
-//! ([`crate::text_stage_plan`] makes the same plan from the headers alone). The output is bit-identical to
-//! the all-resident encoder: the same tensors load and convert the same way.
+//! ([`crate::text_stage_plan`] makes the same plan from the headers alone). The output is
+//! bit-identical to the all-resident encoder: the same tensors load and convert the same way.
 
 use std::sync::Arc;
 
@@ -23,7 +23,7 @@ use hidream_weights::Checkpoint;
 use crate::clip::{ClipLayer, ClipStem};
 use crate::llama::{LlamaLayer, LlamaStem};
 use crate::t5::{T5Block, T5Stem};
-use crate::{Result, TextError};
+use crate::{Result, TextError, Tokens};
 
 /// A text encoder's stem and the recipe of its layers.
 pub trait LayerStack: Send + Sync + 'static {
@@ -51,6 +51,8 @@ pub trait LayerStack: Send + Sync + 'static {
 pub struct StreamedEncode {
     /// The encoder's output.
     pub hidden_states: Tensor,
+    /// The prompts' tokens, with what truncation dropped ([`Tokens::dropped`]).
+    pub tokens: Tokens,
     /// Where the layers went, in what the budget left beside the stem.
     pub plan: Plan,
     /// The ledger's peak of weight bytes: the stem plus the layers resident or in slots at once.
@@ -103,8 +105,9 @@ pub fn encode_llama_streamed(
     let stem = Arc::new(LlamaStem::load(dir, dtype, device)?);
     let mut pass = stem.begin(prompts)?;
     let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |layer| stem.run_layer(&mut pass, layer))?;
+    let tokens = pass.tokens().clone();
     let hidden_states = stem.finish(pass)?;
-    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+    Ok(StreamedEncode { hidden_states, tokens, plan, peak_weight_bytes, stats })
 }
 
 /// Encodes `prompts` with T5's blocks placed by `policy`.
@@ -121,7 +124,7 @@ pub fn encode_t5_streamed(
     let mut pass = stem.begin(&tokens)?;
     let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |block| stem.run_block(&mut pass, block))?;
     let hidden_states = stem.finish(pass)?;
-    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+    Ok(StreamedEncode { hidden_states, tokens, plan, peak_weight_bytes, stats })
 }
 
 /// Encodes `prompts` with CLIP's encoder layers placed by `policy`; the hidden states are the
@@ -138,8 +141,9 @@ pub fn encode_clip_streamed(
     let tokens = stem.tokenizer().encode(prompts)?;
     let mut pass = stem.begin(tokens)?;
     let (plan, peak_weight_bytes, stats) = run_layers(&stem, policy, |layer| stem.run_layer(&mut pass, layer))?;
+    let tokens = pass.tokens().clone();
     let hidden_states = stem.finish(pass)?;
-    Ok(StreamedEncode { hidden_states, plan, peak_weight_bytes, stats })
+    Ok(StreamedEncode { hidden_states, tokens, plan, peak_weight_bytes, stats })
 }
 
 impl LayerStack for ClipStem {
