@@ -11,7 +11,9 @@
 //!   `[32, B, 128, 4096]`; [`llama::LlamaStem`] runs it one layer at a time for a streaming caller.
 //!
 //! Each encoder is loaded with `load(dirs, dtype, device)` and encodes with `encode(prompts)`;
-//! [`encode_prompts`] runs the four in turn, each freed before the next is loaded. Prompts are
+//! [`encode_prompts_under`] runs the four in turn under a memory policy, each freed before the next
+//! is loaded, and returns with the embeddings what each stage measured ([`TextStageReport`]) and
+//! which prompts were truncated ([`Truncation`]). Prompts are
 //! tokenized with the `tokenizers` crate from each folder's `tokenizer.json`, truncated and padded
 //! to [`MAX_SEQUENCE_LENGTH`] tokens as the pipeline does. The negative prompt is the caller's
 //! business (diffusers encodes `""`).
@@ -41,6 +43,7 @@ pub mod t5;
 mod tokenize;
 
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use hidream_weights::Checkpoint;
@@ -50,7 +53,7 @@ pub use clip::ClipTextEncoder;
 pub use error::{Result, TextError};
 pub use hub::resolve_folder;
 pub use llama::{LlamaLayer, LlamaPass, LlamaStem, LlamaTextEncoder};
-pub use stage::{TextEncoderKind, TextStagePlan, Truncation, text_stage_plan, text_stage_plans};
+pub use stage::{TextEncoderKind, TextStagePlan, TextStageReport, Truncation, text_stage_plan, text_stage_plans};
 pub use t5::T5TextEncoder;
 pub use tokenize::{Length, PadWith, PromptTokenizer, Tokens};
 
@@ -87,7 +90,8 @@ impl TextEncoderPaths {
     }
 }
 
-/// What the transformer takes from the text stack, for a batch of prompts.
+/// What the transformer takes from the text stack, for a batch of prompts, and what each stage
+/// measured.
 #[derive(Debug, Clone)]
 pub struct PromptEmbeds {
     /// `[B, 768 + 1280]`: CLIP-L then CLIP-G `text_embeds`.
@@ -96,6 +100,10 @@ pub struct PromptEmbeds {
     pub t5: Tensor,
     /// `[32, B, 128, 4096]`: every Llama layer's hidden state.
     pub llama: Tensor,
+    /// Each prompt an encoder truncated, and by how much, in the stages' order.
+    pub truncations: Vec<Truncation>,
+    /// One report per stage, in the order they ran (CLIP-L, CLIP-G, T5, Llama).
+    pub stages: Vec<TextStageReport>,
 }
 
 /// Encodes `prompts` with the four encoders in turn, each loaded, used and freed before the next
@@ -110,8 +118,10 @@ pub fn encode_prompts(
     encode_prompts_under(paths, prompts, dtype, device, hidream_memory::Policy::All)
 }
 
-/// [`encode_prompts`] with the layers of T5 and Llama placed by `policy` (streamed through the
-/// residency runtime under a budget); the result is bit-identical whatever the policy.
+/// [`encode_prompts`] with each encoder's layers placed by `policy` (streamed through the
+/// residency runtime under a budget, beside its resident stem); the result is bit-identical
+/// whatever the policy. Every stage is planned from the headers first ([`text_stage_plans`]), so a
+/// budget too small for any of them fails before anything large is loaded.
 pub fn encode_prompts_under(
     paths: &TextEncoderPaths,
     prompts: &[&str],
@@ -119,13 +129,37 @@ pub fn encode_prompts_under(
     device: &Device,
     policy: hidream_memory::Policy,
 ) -> Result<PromptEmbeds> {
-    let clip_l = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, dtype, device)?.encode(prompts)?;
-    let clip_g = ClipTextEncoder::load(&paths.clip_g, &paths.clip_g_tokenizer, dtype, device)?.encode(prompts)?;
+    let plans = text_stage_plans(paths, dtype, policy)?;
+    let mut outputs = Vec::with_capacity(plans.len());
+    let mut truncations = Vec::new();
+    let mut stages = Vec::with_capacity(plans.len());
+    for plan in plans {
+        let started = Instant::now();
+        let encoded = match plan.encoder {
+            TextEncoderKind::ClipL => {
+                streamed::encode_clip_streamed(&paths.clip_l, &paths.clip_l_tokenizer, prompts, policy, dtype, device)?
+            }
+            TextEncoderKind::ClipG => {
+                streamed::encode_clip_streamed(&paths.clip_g, &paths.clip_g_tokenizer, prompts, policy, dtype, device)?
+            }
+            TextEncoderKind::T5 => {
+                streamed::encode_t5_streamed(&paths.t5, &paths.t5_tokenizer, prompts, policy, dtype, device)?
+            }
+            TextEncoderKind::Llama => streamed::encode_llama_streamed(&paths.llama, prompts, policy, dtype, device)?,
+        };
+        truncations.extend(Truncation::of(plan.encoder, &encoded.tokens));
+        outputs.push(encoded.hidden_states);
+        stages.push(TextStageReport {
+            plan,
+            peak_weight_bytes: encoded.peak_weight_bytes,
+            stats: encoded.stats,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    let [clip_l, clip_g, t5, llama] = <[Tensor; 4]>::try_from(outputs)
+        .map_err(|outputs| TextError::invalid("text stages", format!("{} outputs, not 4", outputs.len())))?;
     let pooled = Tensor::cat(&[clip_l, clip_g], 1)?;
-    let t5 =
-        streamed::encode_t5_streamed(&paths.t5, &paths.t5_tokenizer, prompts, policy, dtype, device)?.hidden_states;
-    let llama = streamed::encode_llama_streamed(&paths.llama, prompts, policy, dtype, device)?.hidden_states;
-    Ok(PromptEmbeds { pooled, t5, llama })
+    Ok(PromptEmbeds { pooled, t5, llama, truncations, stages })
 }
 
 /// transformers' shard index.

@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use hidream_memory::{MemoryError, Plan, Policy, UnitSpec};
+use hidream_memory::{MemoryError, Plan, Policy, PrefetchStats, UnitSpec};
 use hidream_weights::Checkpoint;
 
 use crate::clip::{self, ClipConfig, ClipLayer};
@@ -90,6 +90,19 @@ impl TextStagePlan {
     pub fn weight_bytes(&self) -> u64 {
         self.layers.iter().fold(self.stem_bytes, |sum, layer| sum.saturating_add(layer.bytes))
     }
+}
+
+/// What a text stage measured when it ran.
+#[derive(Debug, Clone)]
+pub struct TextStageReport {
+    /// The plan it ran under.
+    pub plan: TextStagePlan,
+    /// The ledger's peak: the stem plus the layers resident or in slots at once.
+    pub peak_weight_bytes: u64,
+    /// The streamed layers' loads (`bytes_loaded` is the bytes streamed).
+    pub stats: PrefetchStats,
+    /// Wall time of the stage, loading included.
+    pub seconds: f64,
 }
 
 /// A prompt longer than an encoder takes, cut as diffusers cuts it (the tokenizer's truncation).

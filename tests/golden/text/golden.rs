@@ -503,3 +503,77 @@ fn clip_l_layer_by_layer_equals_candle_transformers() -> Result<()> {
     let theirs = projection.forward(&Tensor::stack(&pooled, 0)?)?;
     ensure_bit_identical("CLIP-L layer by layer vs candle-transformers", &ours, &theirs)
 }
+
+/// The whole text stage under the smallest budget that holds every stage: the embeddings of
+/// policy `all` bit for bit, one report per stage in order, each within the budget and at the
+/// peak its header-only plan gave; and which prompts were truncated.
+#[test]
+fn encode_prompts_under_a_budget_reports_every_stage() -> Result<()> {
+    let golden = Golden::load()?;
+    let prompts = golden.prompts();
+    let paths = paths();
+    let resident = encode_prompts(&paths, &prompts, DType::F32, &Device::Cpu)?;
+    let budget_bytes = text_stage_plans(&paths, DType::F32, Policy::Stream { prefetch: 1 })?
+        .iter()
+        .map(|plan| plan.minimum_budget)
+        .max()
+        .ok_or_else(|| anyhow!("no stages"))?;
+    let policy = Policy::Budget { budget_bytes, prefetch: 1 };
+    let embeds = hidream_text::encode_prompts_under(&paths, &prompts, DType::F32, &Device::Cpu, policy)?;
+    ensure_bit_identical("pooled under a budget", &embeds.pooled, &resident.pooled)?;
+    ensure_bit_identical("t5 under a budget", &embeds.t5, &resident.t5)?;
+    ensure_bit_identical("llama under a budget", &embeds.llama, &resident.llama)?;
+    let order: Vec<TextEncoderKind> = embeds.stages.iter().map(|stage| stage.plan.encoder).collect();
+    ensure!(order == TextEncoderKind::ALL, "{order:?}");
+    let mut streamed_somewhere = false;
+    for stage in &embeds.stages {
+        let encoder = stage.plan.encoder;
+        ensure!(stage.peak_weight_bytes == stage.plan.peak_weight_bytes(), "{encoder}: peak differs from the plan");
+        ensure!(stage.peak_weight_bytes <= budget_bytes, "{encoder}: over budget");
+        ensure!(stage.stats.bytes_loaded == stage.plan.plan.streamed_bytes_per_pass(), "{encoder}: bytes streamed");
+        streamed_somewhere |= stage.stats.bytes_loaded > 0;
+    }
+    ensure!(streamed_somewhere, "the budget streamed nothing: the test does not exercise streaming");
+
+    // Truncations: exactly the prompts whose tokens have no padding left and were cut, per encoder.
+    ensure!(!embeds.truncations.is_empty(), "the fixture's long prompt was truncated by no encoder");
+    for truncation in &embeds.truncations {
+        ensure!(truncation.prompt_idx == 1 && truncation.dropped_tokens > 0, "{truncation}");
+        ensure!(truncation.kept_tokens == hidream_text::MAX_SEQUENCE_LENGTH, "{truncation}");
+        ensure!(truncation.to_string().contains(truncation.encoder.name()), "{truncation}");
+    }
+    let truncated_by: Vec<TextEncoderKind> = embeds.truncations.iter().map(|truncation| truncation.encoder).collect();
+    let clip_l = ClipTextEncoder::load(&paths.clip_l, &paths.clip_l_tokenizer, DType::F32, &Device::Cpu)?;
+    let clip_l_tokens = clip_l.tokenizer().encode(&prompts)?;
+    let clip_l_full = clip_l_tokens.mask()[1].iter().all(|&keep| keep == 1);
+    ensure!(
+        truncated_by.contains(&TextEncoderKind::ClipL) == (clip_l_full && clip_l_tokens.dropped()[1] > 0),
+        "CLIP-L: {truncated_by:?}"
+    );
+    Ok(())
+}
+
+/// Every stage is planned before any loads: a budget that the largest stage cannot hold fails
+/// naming the first stage that does not fit, even where CLIP-L, which runs first and fits, could
+/// not even load its tokenizer.
+#[test]
+fn encode_prompts_under_plans_every_stage_first() -> Result<()> {
+    let mut paths = paths();
+    let plans = text_stage_plans(&paths, DType::F32, Policy::Stream { prefetch: 1 })?;
+    let largest = plans.iter().map(|plan| plan.minimum_budget).max().ok_or_else(|| anyhow!("no stages"))?;
+    let budget_bytes = largest - 1;
+    let refused =
+        plans.iter().find(|plan| plan.minimum_budget > budget_bytes).ok_or_else(|| anyhow!("none refused"))?;
+    ensure!(refused.encoder != TextEncoderKind::ClipL, "CLIP-L's stage is the largest in the fixture");
+    let empty = tempfile::tempdir()?;
+    paths.clip_l_tokenizer = empty.path().to_owned();
+    let policy = Policy::Budget { budget_bytes, prefetch: 1 };
+    match hidream_text::encode_prompts_under(&paths, &["a cat"], DType::F32, &Device::Cpu, policy) {
+        Err(TextError::StageBudgetTooSmall { encoder, minimum, budget, .. }) => {
+            ensure!(encoder == refused.encoder.name() && minimum == refused.minimum_budget, "{encoder} {minimum}");
+            ensure!(budget == budget_bytes, "{budget}");
+            Ok(())
+        }
+        other => Err(anyhow!("expected {} to be refused before CLIP-L loads, got {other:?}", refused.encoder)),
+    }
+}
