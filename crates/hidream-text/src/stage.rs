@@ -1,5 +1,6 @@
 //! The text stages of the pipeline under one memory policy, planned from the checkpoint headers
-//! before anything large is loaded, and what each one measured when it ran.
+//! before anything large is loaded, what each one measured when it ran, and which prompts it
+//! truncated ([`Truncation`]).
 //!
 //! A stage is one encoder: its stem (embeddings, norms, projection) stays resident while its
 //! layers are placed by the policy, resident or streamed through slots (see [`crate::streamed`]).
