@@ -184,6 +184,17 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "device": args.residency.device.to_string(),
             "transformer_plan": generated.plan,
             "stages": stages,
+            "text_stages": generated.text_stages.iter().map(|stage| json!({
+                "encoder": stage.plan.encoder.name(),
+                "stem_bytes": stage.plan.stem_bytes,
+                "layer_bytes": stage.plan.layers.iter().map(|layer| layer.bytes).sum::<u64>(),
+                "plan": stage.plan.plan.to_string(),
+                "minimum_budget": stage.plan.minimum_budget,
+                "planned_peak_weight_bytes": stage.plan.peak_weight_bytes(),
+                "peak_weight_bytes": stage.peak_weight_bytes,
+                "bytes_streamed": stage.stats.bytes_loaded,
+                "seconds": stage.seconds,
+            })).collect::<Vec<_>>(),
         });
         write_json(path, &report)?;
     }

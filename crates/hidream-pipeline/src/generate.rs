@@ -22,7 +22,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{TransformerConfig, Variant};
 use hidream_schedulers::Scheduler;
-use hidream_text::{TextEncoderPaths, encode_prompts_under, resolve_folder};
+use hidream_text::{TextEncoderPaths, TextStageReport, encode_prompts_under, resolve_folder};
 use hidream_weights::Checkpoint;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -226,6 +226,8 @@ pub struct Generated {
     pub guidance: f64,
     /// The transformer's residency plan, as a sentence.
     pub plan: String,
+    /// What each text stage planned and measured (CLIP-L, CLIP-G, T5, Llama).
+    pub text_stages: Vec<TextStageReport>,
 }
 
 /// diffusers' rescaling of a requested size (kept here for callers of this module).
@@ -282,6 +284,14 @@ pub fn generate(
     let text_dtype = candle_dtype(settings.text_dtype);
     let embeds =
         encode_prompts_under(&folder.text_encoders(), &prompts, text_dtype, device, settings.transformer.policy)?;
+    for truncation in &embeds.truncations {
+        // With guidance the batch is [negative, prompt].
+        let which = if cfg_on && truncation.prompt_idx == 0 { "negative prompt" } else { "prompt" };
+        observe(Event::Notice(format!(
+            "{which} truncated to {} tokens for {} ({} tokens dropped), as diffusers truncates it",
+            truncation.kept_tokens, truncation.encoder, truncation.dropped_tokens
+        )));
+    }
     observe(Event::StageFinished(Stage::Text, started.elapsed().as_secs_f64()));
 
     // 3. Latents.
@@ -374,7 +384,8 @@ pub fn generate(
     let images = vae.decode(&latents, &vae_options)?;
     let pixels = postprocess(&images)?;
     observe(Event::StageFinished(Stage::Vae, started.elapsed().as_secs_f64()));
-    Ok(Generated { images, pixels, latents, size: (width, height), steps, guidance, plan })
+    let text_stages = embeds.stages;
+    Ok(Generated { images, pixels, latents, size: (width, height), steps, guidance, plan, text_stages })
 }
 
 /// The VAE's decode options: `settings.vae` as forced, the rest chosen by

@@ -9,17 +9,23 @@
 //!   `eos_token_id`.
 //! - `text_embeds = text_projection(pooled)`, a linear map without bias.
 //!
-//! The body is candle-transformers' `clip::text_model::ClipTextTransformer` when the activation
-//! is `quick_gelu` (CLIP-L); that model knows no other activation, so for the others (CLIP-G uses
-//! exact `gelu`) the encoder layers are [`ClipLayer`] below, with the same structure and keys.
+//! The encoder is a [`ClipStem`] (tokenizer, embeddings, final layer norm, projection) and its
+//! [`ClipLayer`]s, run one at a time so that a caller can stream them ([`crate::streamed`]);
+//! [`ClipTextEncoder`] keeps them all resident. With the activation `quick_gelu` (CLIP-L) a layer
+//! is candle-transformers' `clip::text_model::ClipEncoder` holding that one layer, and the stem
+//! computes what its `ClipTextTransformer` does around the layers, so the result is that model's
+//! bit for bit. candle-transformers knows no other activation, so for the others (CLIP-G uses
+//! exact `gelu`) the layer is `OwnLayer` below, with the same structure and keys.
 
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::{Activation, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_transformers::models::clip::EncoderConfig;
 use candle_transformers::models::clip::text_model::{
-    Activation as CandleActivation, ClipTextConfig as CandleClipConfig, ClipTextTransformer,
+    Activation as CandleActivation, ClipEncoder, ClipTextConfig as CandleClipConfig,
 };
+use hidream_weights::Checkpoint;
 use serde::Deserialize;
 
 use super::tokenize::{Length, PadWith, PromptTokenizer, Tokens};
@@ -28,6 +34,17 @@ use crate::{Result, TextError};
 
 /// The CLIP token limit `_get_clip_prompt_embeds` applies instead of the tokenizer's.
 const CLIP_TOKEN_LIMIT: usize = 218;
+/// The stem's tensors, as [`ClipStem::load`] loads them.
+pub(crate) const STEM_TENSORS: [&str; 5] = [
+    "text_model.embeddings.token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight",
+    "text_model.final_layer_norm.weight",
+    "text_model.final_layer_norm.bias",
+    "text_projection.weight",
+];
+/// The tokens every prompt is truncated and padded to.
+pub(crate) const CLIP_TOKEN_COUNT: usize =
+    if MAX_SEQUENCE_LENGTH < CLIP_TOKEN_LIMIT { MAX_SEQUENCE_LENGTH } else { CLIP_TOKEN_LIMIT };
 /// transformers' marker of the legacy pooling (`CLIPTextTransformer.forward`).
 const LEGACY_EOS_TOKEN_ID: u32 = 2;
 
@@ -62,33 +79,63 @@ fn default_eos_token_id() -> u32 {
     LEGACY_EOS_TOKEN_ID
 }
 
-/// A CLIP text encoder with its projection head and tokenizer.
+/// The resident part of a CLIP text encoder: config, tokenizer, token and position embeddings,
+/// the final layer norm, the projection head and the opened checkpoint. The encoder layers are
+/// loaded separately, so that a caller can stream them ([`crate::streamed`]).
 #[derive(Debug)]
-pub struct ClipTextEncoder {
+pub struct ClipStem {
     config: ClipConfig,
     tokenizer: PromptTokenizer,
-    body: ClipBody,
+    checkpoint: Checkpoint,
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    final_layer_norm: LayerNorm,
     text_projection: Linear,
+    layer_kind: LayerKind,
+    dtype: DType,
     device: Device,
 }
 
-#[derive(Debug)]
-enum ClipBody {
-    /// candle-transformers' model: embeddings, causal encoder and final layer norm.
-    QuickGelu(ClipTextTransformer),
-    /// The same structure with another activation.
-    Other(ClipTransformer),
+/// Which implementation the encoder layers use.
+#[derive(Debug, Clone, Copy)]
+enum LayerKind {
+    /// candle-transformers' `ClipEncoder` layer: `quick_gelu` and layer norm eps 1e-5 only.
+    Candle,
+    /// [`OwnLayer`] with another activation.
+    Own(Activation),
 }
 
-impl ClipTextEncoder {
-    /// Loads a `CLIPTextModelWithProjection` folder (`config.json` and `model.safetensors`) and its
-    /// tokenizer folder (`tokenizer.json`), e.g. `text_encoder/` and `tokenizer/` of HiDream-I1.
-    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextEncoder> {
+/// One prompt batch on its way through the layers.
+#[derive(Debug)]
+pub struct ClipPass {
+    tokens: Tokens,
+    hidden: Tensor,
+    /// The additive causal mask `[T, T]`, f32.
+    mask: Tensor,
+    next_layer: usize,
+}
+
+impl ClipPass {
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// The index of the next layer to run.
+    pub fn next_layer(&self) -> usize {
+        self.next_layer
+    }
+}
+
+impl ClipStem {
+    /// Opens a `CLIPTextModelWithProjection` folder (`config.json` and `model.safetensors`) and
+    /// its tokenizer folder (`tokenizer.json`), e.g. `text_encoder/` and `tokenizer/` of
+    /// HiDream-I1, and loads everything but the encoder layers.
+    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<ClipStem> {
         let config: ClipConfig = read_config(encoder_dir)?;
         let tokenizer = PromptTokenizer::load(
             tokenizer_dir,
             PadWith::PadToken { default: "<|endoftext|>" },
-            Length::Fixed(MAX_SEQUENCE_LENGTH.min(CLIP_TOKEN_LIMIT)),
+            Length::Fixed(CLIP_TOKEN_COUNT),
         )?;
         if tokenizer.max_length() > config.max_position_embeddings {
             return Err(TextError::invalid(
@@ -100,16 +147,37 @@ impl ClipTextEncoder {
                 ),
             ));
         }
-        let vb = open_weights(encoder_dir)?.var_builder(dtype, device);
-        let text_vb = vb.pp("text_model");
-        let body = if config.hidden_act == "quick_gelu" && config.layer_norm_eps == 1e-5 {
-            ClipBody::QuickGelu(ClipTextTransformer::new(text_vb, &candle_config(&config))?)
+        let layer_kind = if config.hidden_act == "quick_gelu" && config.layer_norm_eps == 1e-5 {
+            LayerKind::Candle
         } else {
-            ClipBody::Other(ClipTransformer::new(&config, activation(&config, encoder_dir)?, text_vb)?)
+            LayerKind::Own(activation(&config, encoder_dir)?)
         };
+        let checkpoint = open_weights(encoder_dir)?;
+        let vb = checkpoint.var_builder(dtype, device);
+        let embeddings = vb.pp("text_model.embeddings");
+        let token_embedding =
+            candle_nn::embedding(config.vocab_size, config.hidden_size, embeddings.pp("token_embedding"))?;
+        let position_embedding = candle_nn::embedding(
+            config.max_position_embeddings,
+            config.hidden_size,
+            embeddings.pp("position_embedding"),
+        )?;
+        let final_layer_norm =
+            candle_nn::layer_norm(config.hidden_size, config.layer_norm_eps, vb.pp("text_model.final_layer_norm"))?;
         let text_projection =
             candle_nn::linear_no_bias(config.hidden_size, config.projection_dim, vb.pp("text_projection"))?;
-        Ok(ClipTextEncoder { config, tokenizer, body, text_projection, device: device.clone() })
+        Ok(ClipStem {
+            config,
+            tokenizer,
+            checkpoint,
+            token_embedding,
+            position_embedding,
+            final_layer_norm,
+            text_projection,
+            layer_kind,
+            dtype,
+            device: device.clone(),
+        })
     }
 
     pub fn config(&self) -> &ClipConfig {
@@ -120,20 +188,99 @@ impl ClipTextEncoder {
         &self.tokenizer
     }
 
-    /// `text_embeds` of each prompt: `[B, projection_dim]`.
-    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(prompts)?;
-        self.forward(&tokens)
+    /// The opened weights, for a caller that loads layers itself (see [`ClipLayer::prefix`]).
+    pub fn checkpoint(&self) -> &Checkpoint {
+        &self.checkpoint
     }
 
-    /// `text_embeds` of tokenized prompts.
-    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor> {
-        let ids = tokens.ids_tensor(&self.device)?;
-        let hidden = match &self.body {
-            ClipBody::QuickGelu(model) => model.forward_with_mask(&ids, usize::MAX)?,
-            ClipBody::Other(model) => model.forward(&ids)?,
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The bytes of the stem's weights as loaded: what stays on the device while layers stream.
+    pub fn resident_bytes(&self) -> u64 {
+        let bias = self.final_layer_norm.bias().into_iter();
+        [
+            self.token_embedding.embeddings(),
+            self.position_embedding.embeddings(),
+            self.final_layer_norm.weight(),
+            self.text_projection.weight(),
+        ]
+        .into_iter()
+        .chain(bias)
+        .map(crate::stage::loaded_bytes)
+        .sum()
+    }
+
+    /// Builds layer `layer_idx` from a `VarBuilder` over full checkpoint keys (a checkpoint's, or
+    /// one over the tensors of [`ClipLayer::prefix`] only).
+    pub fn build_layer(&self, layer_idx: usize, vb: VarBuilder<'static>) -> Result<ClipLayer> {
+        let body = match self.layer_kind {
+            LayerKind::Candle => {
+                // candle-transformers' encoder builds layers `0..n` under `layers.`: one layer,
+                // its keys renamed from index 0 to `layer_idx`.
+                let (from, to) = (ClipLayer::prefix(0), ClipLayer::prefix(layer_idx));
+                let vb = vb.rename_f(move |name| name.replacen(&from, &to, 1));
+                let one_layer = CandleClipConfig { num_hidden_layers: 1, ..candle_config(&self.config) };
+                LayerBody::Candle(ClipEncoder::new(vb.pp("text_model.encoder"), &EncoderConfig::Text(one_layer))?)
+            }
+            LayerKind::Own(activation) => LayerBody::Own(OwnLayer::new(
+                &self.config,
+                activation,
+                vb.pp(format!("text_model.encoder.layers.{layer_idx}")),
+            )?),
         };
-        let pooled = tokens
+        Ok(ClipLayer { layer_idx, body })
+    }
+
+    /// Loads layer `layer_idx` from the checkpoint.
+    pub fn load_layer(&self, layer_idx: usize) -> Result<ClipLayer> {
+        self.build_layer(layer_idx, self.checkpoint.var_builder(self.dtype, &self.device))
+    }
+
+    /// Embeds tokenized prompts (token plus position embeddings) and builds the causal mask.
+    pub fn begin(&self, tokens: Tokens) -> Result<ClipPass> {
+        let ids = tokens.ids_tensor(&self.device)?;
+        let (_, seq_len) = ids.dims2()?;
+        // As candle-transformers' `ClipTextEmbeddings`: positions `[1, T]`, broadcast over the batch.
+        let positions = Tensor::arange(0u32, seq_len as u32, &self.device)?.unsqueeze(0)?;
+        let hidden =
+            self.token_embedding.forward(&ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = causal_mask(seq_len, &self.device)?;
+        Ok(ClipPass { tokens, hidden, mask, next_layer: 0 })
+    }
+
+    /// Runs the next layer of the pass; layers must come in order.
+    pub fn run_layer(&self, pass: &mut ClipPass, layer: &ClipLayer) -> Result<()> {
+        if layer.layer_idx != pass.next_layer {
+            return Err(TextError::invalid(
+                "CLIP pass",
+                format!("layer {} given where layer {} comes next", layer.layer_idx, pass.next_layer),
+            ));
+        }
+        pass.hidden = match &layer.body {
+            LayerBody::Candle(encoder) => encoder.forward(&pass.hidden, Some(&pass.mask))?,
+            LayerBody::Own(own) => own.forward(&pass.hidden, &pass.mask)?,
+        };
+        pass.next_layer += 1;
+        Ok(())
+    }
+
+    /// `text_embeds` `[B, projection_dim]`: the final layer norm, pooled, then projected.
+    pub fn finish(&self, pass: ClipPass) -> Result<Tensor> {
+        if pass.next_layer != self.config.num_hidden_layers {
+            return Err(TextError::invalid(
+                "CLIP pass",
+                format!("finished after {} of {} layers", pass.next_layer, self.config.num_hidden_layers),
+            ));
+        }
+        let hidden = self.final_layer_norm.forward(&pass.hidden)?;
+        let pooled = pass
+            .tokens
             .ids()
             .iter()
             .enumerate()
@@ -141,6 +288,76 @@ impl ClipTextEncoder {
             .collect::<candle_core::Result<Vec<_>>>()?;
         let pooled = Tensor::stack(&pooled, 0)?;
         Ok(self.text_projection.forward(&pooled)?)
+    }
+}
+
+/// A CLIP text encoder with its projection head and tokenizer, every layer resident.
+#[derive(Debug)]
+pub struct ClipTextEncoder {
+    stem: ClipStem,
+    layers: Vec<ClipLayer>,
+}
+
+impl ClipTextEncoder {
+    /// Loads the stem and every layer (see [`ClipStem::load`] for the folder layout).
+    pub fn load(encoder_dir: &Path, tokenizer_dir: &Path, dtype: DType, device: &Device) -> Result<ClipTextEncoder> {
+        let stem = ClipStem::load(encoder_dir, tokenizer_dir, dtype, device)?;
+        let layers = (0..stem.config.num_hidden_layers)
+            .map(|layer_idx| stem.load_layer(layer_idx))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(ClipTextEncoder { stem, layers })
+    }
+
+    pub fn config(&self) -> &ClipConfig {
+        self.stem.config()
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        self.stem.tokenizer()
+    }
+
+    pub fn stem(&self) -> &ClipStem {
+        &self.stem
+    }
+
+    /// `text_embeds` of each prompt: `[B, projection_dim]`.
+    pub fn encode(&self, prompts: &[&str]) -> Result<Tensor> {
+        let tokens = self.stem.tokenizer.encode(prompts)?;
+        self.forward(&tokens)
+    }
+
+    /// `text_embeds` of tokenized prompts.
+    pub fn forward(&self, tokens: &Tokens) -> Result<Tensor> {
+        let mut pass = self.stem.begin(tokens.clone())?;
+        for layer in &self.layers {
+            self.stem.run_layer(&mut pass, layer)?;
+        }
+        self.stem.finish(pass)
+    }
+}
+
+/// One encoder layer. Keys under `text_model.encoder.layers.{layer_idx}.`.
+#[derive(Debug)]
+pub struct ClipLayer {
+    layer_idx: usize,
+    body: LayerBody,
+}
+
+#[derive(Debug)]
+enum LayerBody {
+    /// candle-transformers' encoder holding this one layer.
+    Candle(ClipEncoder),
+    Own(OwnLayer),
+}
+
+impl ClipLayer {
+    /// The checkpoint key prefix of layer `layer_idx`'s tensors.
+    pub fn prefix(layer_idx: usize) -> String {
+        format!("text_model.encoder.layers.{layer_idx}.")
+    }
+
+    pub fn layer_idx(&self) -> usize {
+        self.layer_idx
     }
 }
 
@@ -186,51 +403,9 @@ fn activation(config: &ClipConfig, dir: &Path) -> Result<Activation> {
     })
 }
 
-/// transformers' `CLIPTextTransformer` up to the final layer norm, for activations that
-/// candle-transformers' CLIP lacks. Keys are relative to `text_model.`.
+/// One pre-norm CLIP encoder layer for activations that candle-transformers' CLIP lacks: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
 #[derive(Debug)]
-struct ClipTransformer {
-    token_embedding: Embedding,
-    position_embedding: Embedding,
-    layers: Vec<ClipLayer>,
-    final_layer_norm: LayerNorm,
-}
-
-impl ClipTransformer {
-    fn new(config: &ClipConfig, activation: Activation, vb: VarBuilder) -> Result<ClipTransformer> {
-        let embeddings = vb.pp("embeddings");
-        let token_embedding =
-            candle_nn::embedding(config.vocab_size, config.hidden_size, embeddings.pp("token_embedding"))?;
-        let position_embedding = candle_nn::embedding(
-            config.max_position_embeddings,
-            config.hidden_size,
-            embeddings.pp("position_embedding"),
-        )?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|layer_idx| ClipLayer::new(config, activation, vb.pp(format!("encoder.layers.{layer_idx}"))))
-            .collect::<Result<Vec<_>>>()?;
-        let final_layer_norm =
-            candle_nn::layer_norm(config.hidden_size, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(ClipTransformer { token_embedding, position_embedding, layers, final_layer_norm })
-    }
-
-    /// The final-layer-normed hidden states `[B, T, hidden]` of `[B, T]` ids.
-    fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (_, seq_len) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, seq_len as u32, ids.device())?;
-        let mut hidden =
-            self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
-        let mask = causal_mask(seq_len, ids.device())?;
-        for layer in &self.layers {
-            hidden = layer.forward(&hidden, &mask)?;
-        }
-        Ok(self.final_layer_norm.forward(&hidden)?)
-    }
-}
-
-/// One pre-norm CLIP encoder layer: `x + attn(ln1(x))`, then `x + mlp(ln2(x))`.
-#[derive(Debug)]
-struct ClipLayer {
+struct OwnLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -243,12 +418,12 @@ struct ClipLayer {
     n_heads: usize,
 }
 
-impl ClipLayer {
-    fn new(config: &ClipConfig, activation: Activation, vb: VarBuilder) -> Result<ClipLayer> {
+impl OwnLayer {
+    fn new(config: &ClipConfig, activation: Activation, vb: VarBuilder) -> Result<OwnLayer> {
         let (hidden, inner) = (config.hidden_size, config.intermediate_size);
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
-        Ok(ClipLayer {
+        Ok(OwnLayer {
             layer_norm1: candle_nn::layer_norm(hidden, config.layer_norm_eps, vb.pp("layer_norm1"))?,
             q_proj: candle_nn::linear(hidden, hidden, attn.pp("q_proj"))?,
             k_proj: candle_nn::linear(hidden, hidden, attn.pp("k_proj"))?,

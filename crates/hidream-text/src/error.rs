@@ -21,6 +21,29 @@ pub enum TextError {
     /// A required file is missing from a model folder.
     #[error("missing {path}: {hint}")]
     MissingFile { path: PathBuf, hint: String },
+    /// A text stage's stem and layers do not fit the memory budget.
+    #[error(
+        "the {encoder} text encoder ({}) does not fit the memory budget of {}: with prefetch depth \
+         {prefetch_depth} it needs at least {} (its stem of {} stays resident beside its layers); raise the \
+         budget to at least that{}",
+        folder.display(),
+        exact(*budget),
+        exact(*minimum),
+        exact(*stem_bytes),
+        lower_depth(*prefetch_depth, *minimum, *minimum_sequential)
+    )]
+    StageBudgetTooSmall {
+        /// `CLIP-L`, `CLIP-G`, `T5` or `Llama` (or `CLIP` where the caller did not say which).
+        encoder: String,
+        folder: PathBuf,
+        budget: u64,
+        /// The smallest budget that works at `prefetch_depth`: one byte less fails.
+        minimum: u64,
+        stem_bytes: u64,
+        prefetch_depth: usize,
+        /// The smallest budget at prefetch depth 0 (load, run, free).
+        minimum_sequential: u64,
+    },
     /// A config, a tokenizer or a tensor has the wrong shape or value.
     #[error("{what}: {problem}")]
     Invalid { what: String, problem: String },
@@ -28,6 +51,18 @@ pub enum TextError {
 
 /// Result alias of this crate.
 pub type Result<T, E = TextError> = std::result::Result<T, E>;
+
+fn exact(bytes: u64) -> String {
+    format!("{} ({bytes} bytes)", hidream_memory::format_bytes(bytes))
+}
+
+fn lower_depth(prefetch_depth: usize, minimum: u64, minimum_sequential: u64) -> String {
+    if prefetch_depth > 0 && minimum_sequential < minimum {
+        format!(", or lower the prefetch depth (depth 0, no overlap, needs {})", exact(minimum_sequential))
+    } else {
+        String::new()
+    }
+}
 
 impl TextError {
     pub(crate) fn invalid(what: impl Into<String>, problem: impl Into<String>) -> Self {

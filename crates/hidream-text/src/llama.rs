@@ -41,6 +41,9 @@ use crate::{Result, TextError};
 
 /// The token embedding table's key.
 const EMBED_TOKENS: &str = "model.embed_tokens.weight";
+/// The stem's tensors, as [`LlamaStem::load`] loads them: the final norm. Neither the embedding
+/// table (a pass reads its rows) nor `lm_head` (the encoder has no logits) is loaded.
+pub(crate) const STEM_TENSORS: [&str; 1] = ["model.norm.weight"];
 
 /// The fields of transformers' `LlamaConfig` the encoder uses, in both the transformers 4 layout
 /// (`rope_theta`, `rope_scaling`) and the transformers 5 one (`rope_parameters`).
@@ -226,6 +229,11 @@ impl LlamaStem {
     /// The opened weights, for a caller that loads layers itself (see [`LlamaLayer::prefix`]).
     pub fn checkpoint(&self) -> &Checkpoint {
         &self.checkpoint
+    }
+
+    /// The bytes of the stem's weights as loaded: what stays on the device while layers stream.
+    pub fn resident_bytes(&self) -> u64 {
+        crate::stage::loaded_bytes(self.norm.weight())
     }
 
     /// Loads layer `layer_idx` from the checkpoint in the stem's dtype and device.

@@ -65,8 +65,7 @@ impl T5Stem {
         )?;
         let checkpoint = open_weights(encoder_dir)?;
         let vb = checkpoint.var_builder(dtype, device);
-        let embed_vb =
-            if vb.contains_tensor("shared.weight") { vb.pp("shared") } else { vb.pp("encoder.embed_tokens") };
+        let embed_vb = vb.pp(embedding_prefix(&checkpoint));
         let embed_tokens = candle_nn::embedding(config.vocab_size, config.d_model, embed_vb)?;
         let encoder = vb.pp("encoder");
         let relative_attention_bias = candle_nn::embedding(
@@ -106,6 +105,14 @@ impl T5Stem {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The bytes of the stem's weights as loaded: what stays on the device while blocks stream.
+    pub fn resident_bytes(&self) -> u64 {
+        [self.embed_tokens.embeddings(), self.relative_attention_bias.embeddings(), &self.final_layer_norm.weight]
+            .into_iter()
+            .map(crate::stage::loaded_bytes)
+            .sum()
     }
 
     /// Loads block `block_idx` from the checkpoint.
@@ -169,6 +176,21 @@ impl T5Stem {
         let bias = self.relative_attention_bias.forward(&buckets)?.to_dtype(DType::F32)?;
         Ok(bias.permute((2, 0, 1))?.unsqueeze(0)?.contiguous()?)
     }
+}
+
+/// The token embedding: `shared` (the encoder-decoder's table) or, without it,
+/// `encoder.embed_tokens`.
+fn embedding_prefix(checkpoint: &Checkpoint) -> &'static str {
+    if checkpoint.tensor_info("shared.weight").is_some() { "shared" } else { "encoder.embed_tokens" }
+}
+
+/// The stem's tensors, as [`T5Stem::load`] loads them.
+pub(crate) fn stem_tensors(checkpoint: &Checkpoint) -> Vec<String> {
+    vec![
+        format!("{}.weight", embedding_prefix(checkpoint)),
+        "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight".to_owned(),
+        "encoder.final_layer_norm.weight".to_owned(),
+    ]
 }
 
 /// The T5 encoder with every block resident.

@@ -41,6 +41,8 @@ pub enum Length {
 /// A tokenizer that truncates and pads every prompt to the same length.
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
+    /// The same tokenizer without truncation or padding, to count what truncation drops.
+    untruncated: Tokenizer,
     file: PathBuf,
     max_length: usize,
     pad_id: u32,
@@ -62,6 +64,7 @@ impl std::fmt::Debug for PromptTokenizer {
 pub struct Tokens {
     ids: Vec<Vec<u32>>,
     mask: Vec<Vec<u32>>,
+    dropped: Vec<usize>,
 }
 
 impl Tokens {
@@ -74,6 +77,11 @@ impl Tokens {
     /// padding.
     pub fn mask(&self) -> &[Vec<u32>] {
         &self.mask
+    }
+
+    /// How many tokens truncation cut off each prompt: 0 for a prompt that fits.
+    pub fn dropped(&self) -> &[usize] {
+        &self.dropped
     }
 
     /// The number of prompts.
@@ -143,6 +151,11 @@ impl PromptTokenizer {
         if max_length <= n_special {
             return Err(invalid_file(&file, format!("{max_length} tokens leave no room for a prompt")));
         }
+        let mut untruncated = tokenizer.clone();
+        untruncated
+            .with_truncation(None)
+            .map_err(|err| invalid_file(&file, format!("turning truncation off: {err}")))?
+            .with_padding(None);
         let truncation = TruncationParams {
             direction: if config.truncation_left { TruncationDirection::Left } else { TruncationDirection::Right },
             max_length,
@@ -160,7 +173,7 @@ impl PromptTokenizer {
             pad_type_id: 0,
             pad_token,
         }));
-        Ok(PromptTokenizer { tokenizer, file, max_length, pad_id, eos_id })
+        Ok(PromptTokenizer { tokenizer, untruncated, file, max_length, pad_id, eos_id })
     }
 
     /// The length every prompt is truncated and padded to.
@@ -177,15 +190,22 @@ impl PromptTokenizer {
         self.eos_id
     }
 
-    /// Tokenizes with the special tokens, truncates and pads to [`PromptTokenizer::max_length`].
+    /// Tokenizes with the special tokens, truncates and pads to [`PromptTokenizer::max_length`],
+    /// and counts what truncation dropped ([`Tokens::dropped`]).
     pub fn encode(&self, prompts: &[&str]) -> Result<Tokens> {
-        let encodings = self
-            .tokenizer
-            .encode_batch(prompts.to_vec(), true)
-            .map_err(|err| invalid_file(&self.file, format!("tokenizing the prompt: {err}")))?;
+        let tokenize = |tokenizer: &Tokenizer| {
+            tokenizer
+                .encode_batch(prompts.to_vec(), true)
+                .map_err(|err| invalid_file(&self.file, format!("tokenizing the prompt: {err}")))
+        };
+        let encodings = tokenize(&self.tokenizer)?;
         let ids = encodings.iter().map(|encoding| encoding.get_ids().to_vec()).collect();
         let mask = encodings.iter().map(|encoding| encoding.get_attention_mask().to_vec()).collect();
-        Ok(Tokens { ids, mask })
+        // Truncation keeps the special tokens and cuts the prompt's: what a prompt loses is its
+        // full length beyond the limit.
+        let dropped =
+            tokenize(&self.untruncated)?.iter().map(|full| full.len().saturating_sub(self.max_length)).collect();
+        Ok(Tokens { ids, mask, dropped })
     }
 }
 
@@ -243,7 +263,64 @@ fn invalid_file(path: &Path, problem: String) -> TextError {
 
 #[cfg(test)]
 mod tests {
-    use super::TokenizerConfig;
+    use std::collections::HashMap;
+
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::processors::template::TemplateProcessing;
+    use tokenizers::{AddedToken, Tokenizer};
+
+    use super::{Length, PadWith, PromptTokenizer, TokenizerConfig};
+
+    /// A word-level tokenizer with T5's shape: `<pad>` 0, `</s>` 1 appended to every prompt, the
+    /// words `w0`… from id 2, and `model_max_length` 8.
+    fn tiny_tokenizer(dir: &std::path::Path) -> anyhow::Result<()> {
+        let mut vocab: HashMap<String, u32> =
+            HashMap::from([("<pad>".into(), 0), ("</s>".into(), 1), ("<unk>".into(), 2)]);
+        vocab.extend((0..20).map(|word_idx| (format!("w{word_idx}"), 3 + word_idx)));
+        let model = WordLevel::builder()
+            .vocab(vocab.into_iter().collect())
+            .unk_token("<unk>".into())
+            .build()
+            .map_err(anyhow::Error::msg)?;
+        let mut tokenizer = Tokenizer::new(model);
+        tokenizer.with_pre_tokenizer(Some(Whitespace {}));
+        let template = TemplateProcessing::builder()
+            .try_single("$A </s>")
+            .map_err(anyhow::Error::msg)?
+            .special_tokens(vec![("</s>", 1)])
+            .build()?;
+        tokenizer.with_post_processor(Some(template));
+        tokenizer
+            .add_special_tokens(vec![AddedToken::from("<pad>", true), AddedToken::from("</s>", true)])
+            .map_err(anyhow::Error::msg)?;
+        tokenizer.save(dir.join("tokenizer.json"), false).map_err(anyhow::Error::msg)?;
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"pad_token": "<pad>", "eos_token": "</s>", "model_max_length": 8}"#,
+        )?;
+        Ok(())
+    }
+
+    /// A prompt past the limit keeps its first words and the closing `</s>`, as transformers'
+    /// `truncation=True` does, and the tokens says how many were cut.
+    #[test]
+    fn truncation_drops_the_tail_and_counts_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        tiny_tokenizer(dir.path())?;
+        let tokenizer =
+            PromptTokenizer::load(dir.path(), PadWith::PadToken { default: "<pad>" }, Length::AtMostModelMax(128))?;
+        assert_eq!(tokenizer.max_length(), 8);
+        let words = |n: u32| (0..n).map(|word_idx| format!("w{word_idx}")).collect::<Vec<_>>().join(" ");
+        let (long, exact, short) = (words(11), words(7), words(2));
+        let tokens = tokenizer.encode(&[&long, &exact, &short])?;
+        assert_eq!(tokens.dropped(), &[4, 0, 0]);
+        assert_eq!(tokens.ids()[0], vec![3, 4, 5, 6, 7, 8, 9, 1]);
+        assert_eq!(tokens.ids()[1], vec![3, 4, 5, 6, 7, 8, 9, 1]);
+        assert_eq!(tokens.ids()[2], vec![3, 4, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(tokens.mask()[2], vec![1, 1, 1, 0, 0, 0, 0, 0]);
+        Ok(())
+    }
 
     /// transformers 4 writes special tokens as `AddedToken` objects, may keep them in
     /// `special_tokens_map.json` only, and writes an unset `model_max_length` as 1e30.
