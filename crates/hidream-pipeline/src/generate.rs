@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use hidream_config::{TransformerConfig, Variant};
+use hidream_memory::Plan;
 use hidream_schedulers::Scheduler;
 use hidream_text::{TextEncoderPaths, TextStageReport, encode_prompts_under, resolve_folder};
 use hidream_weights::Checkpoint;
@@ -232,6 +233,105 @@ pub struct Generated {
 
 /// diffusers' rescaling of a requested size (kept here for callers of this module).
 pub use crate::planning::pipeline_size;
+
+/// One stage of [`generate`] as planned before anything loads, from the configs and the
+/// safetensors headers alone ([`plan_stages`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StagePlan {
+    /// `CLIP-L`, `CLIP-G`, `T5`, `Llama`, `transformer` or `VAE decode`.
+    pub stage: String,
+    /// Every weight the stage loads, in its compute dtype.
+    pub weight_bytes: u64,
+    /// The smallest budget the stage runs under, at the run's prefetch depth. For the VAE, with
+    /// tiling where it must (which changes the image).
+    pub minimum_budget: u64,
+    /// The smallest budget under which the stage computes exactly what the all-resident run does:
+    /// `minimum_budget`, except for the VAE, whose is that of the smallest untiled decode.
+    pub exact_minimum_budget: u64,
+    /// Under the run's policy: the most weight bytes on the device at once (the VAE: its weights
+    /// and its activation estimate), or `None` where the stage does not fit.
+    pub predicted_peak_bytes: Option<u64>,
+    /// Under the run's policy: bytes streamed per pass over the stage's layers (per step for the
+    /// transformer).
+    pub streamed_bytes: u64,
+    /// Why the stage cannot run under the run's policy, if it cannot.
+    pub error: Option<String>,
+}
+
+/// Plans every stage of [`generate`] for `request` under `settings`, reading only configs and
+/// headers: what `hidream plan --llama` prints, and the checks `generate` makes first.
+pub fn plan_stages(
+    folder: &ModelFolder,
+    request: &GenerateRequest,
+    settings: &GenerateSettings,
+) -> Result<Vec<StagePlan>> {
+    folder.validate()?;
+    let policy = settings.transformer.policy;
+    let prefetch = policy.prefetch_depth();
+    let unbounded = hidream_memory::Policy::Budget { budget_bytes: u64::MAX, prefetch };
+    let text_dtype = candle_dtype(settings.text_dtype);
+    let mut stages = Vec::new();
+    for encoder in hidream_text::TextEncoderKind::ALL {
+        let paths = folder.text_encoders();
+        let sized = hidream_text::text_stage_plan(encoder, &paths, text_dtype, unbounded)?;
+        let under_policy = hidream_text::text_stage_plan(encoder, &paths, text_dtype, policy);
+        stages.push(StagePlan {
+            stage: encoder.name().to_owned(),
+            weight_bytes: sized.weight_bytes(),
+            minimum_budget: sized.minimum_budget,
+            exact_minimum_budget: sized.minimum_budget,
+            predicted_peak_bytes: under_policy.as_ref().ok().map(hidream_text::TextStagePlan::peak_weight_bytes),
+            streamed_bytes: under_policy.as_ref().map_or(0, |plan| plan.plan.streamed_bytes_per_pass()),
+            error: under_policy.err().map(|err| err.to_string()),
+        });
+    }
+
+    let checkpoint = Checkpoint::open(&folder.transformer())?;
+    let cfg: TransformerConfig = checkpoint.config()?;
+    let runner = settings.transformer;
+    let table = crate::UnitTable::new(&cfg, runner.compute_dtype, runner.precompute);
+    let minimum = crate::runner::minimum_budget(&cfg, runner.compute_dtype, runner.precompute, prefetch);
+    let plan = crate::runner::plan_transformer(&cfg, &runner);
+    stages.push(StagePlan {
+        stage: "transformer".to_owned(),
+        weight_bytes: table.weight_bytes_total(),
+        minimum_budget: minimum,
+        exact_minimum_budget: minimum,
+        predicted_peak_bytes: plan.as_ref().ok().map(Plan::peak_weight_bytes),
+        streamed_bytes: plan.as_ref().map_or(0, Plan::streamed_bytes_per_pass),
+        error: plan.err().map(|err| err.to_string()),
+    });
+
+    let vae_config = VaeConfig::read(&folder.vae().join("config.json"))?;
+    let vae_scale_factor = vae_config.upscale();
+    let (width, height) = pipeline_size(request.size, vae_scale_factor, settings.default_sample_size)?;
+    let latents = LatentSize { batch: 1, height: height / vae_scale_factor, width: width / vae_scale_factor };
+    let vae_dtype = candle_dtype(settings.vae_dtype);
+    let (minimum, exact_minimum) = vae_minimums(&vae_config, latents, vae_dtype, &settings.vae)?;
+    let budget = policy.budget_bytes().unwrap_or(u64::MAX);
+    let choice = DecodeOptions::for_budget(&vae_config, latents, vae_dtype, budget, &settings.vae);
+    stages.push(StagePlan {
+        stage: "VAE decode".to_owned(),
+        weight_bytes: vae_config.weight_bytes(vae_dtype),
+        minimum_budget: minimum,
+        exact_minimum_budget: exact_minimum,
+        predicted_peak_bytes: choice.as_ref().ok().map(|choice| choice.estimate.total()),
+        streamed_bytes: 0,
+        error: choice.err().map(|err| err.to_string()),
+    });
+    Ok(stages)
+}
+
+/// The smallest budget of the VAE decode with tiling where it must, and without.
+fn vae_minimums(config: &VaeConfig, latents: LatentSize, dtype: DType, forced: &DecodeOptions) -> Result<(u64, u64)> {
+    let minimum = match DecodeOptions::for_budget(config, latents, dtype, 0, forced) {
+        Err(PipelineError::VaeBudgetTooSmall { minimum, .. }) => minimum,
+        Err(other) => return Err(other),
+        Ok(choice) => choice.estimate.total(),
+    };
+    let exact = DecodeOptions::for_budget(config, latents, dtype, minimum, forced)?.tiled_to_fit.unwrap_or(minimum);
+    Ok((minimum, exact))
+}
 
 /// Runs the whole pipeline.
 pub fn generate(

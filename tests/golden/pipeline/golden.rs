@@ -9,18 +9,21 @@
 //! - pixels: equal, except where the decoded value sits within float noise of a rounding boundary
 //!   (at most 1 level apart, on at most 0.5% of the pixels).
 //!
-//! The same run under a streaming budget must give bit-identical latents.
+//! The same run under the pipeline's tightest exact budget (the largest of its stages' exact
+//! minimums) must give bit-identical latents and image.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
 use candle_core::{Device, Tensor};
-use hidream_memory::{Plan, Policy};
+use hidream_memory::Policy;
 use hidream_model::AttentionConfig;
-use hidream_pipeline::generate::{Event, GenerateRequest, GenerateSettings, Generated, ModelFolder, generate};
+use hidream_pipeline::Precompute;
+use hidream_pipeline::generate::{
+    Event, GenerateRequest, GenerateSettings, Generated, ModelFolder, generate, plan_stages,
+};
 use hidream_pipeline::runner::RunnerConfig;
-use hidream_pipeline::vae::{DecodeOptions, LatentSize, VaeConfig};
-use hidream_pipeline::{PipelineError, Precompute, UnitTable};
+use hidream_pipeline::vae::DecodeOptions;
 use hidream_test_support::{ensure_bit_identical, ensure_close, scale};
 
 const TOLERANCE: f32 = 1e-4;
@@ -38,7 +41,8 @@ struct Run {
     steps: Vec<Tensor>,
 }
 
-fn run(case: &str, policy: Policy) -> Result<Run> {
+/// The case's request and settings under `policy`.
+fn setup(case: &str, policy: Policy) -> Result<(ModelFolder, GenerateRequest, GenerateSettings, serde_json::Value)> {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(golden_dir().join("cases").join(case).join("case.json"))?)?;
     let size = |key: &str| -> Option<(usize, usize)> {
@@ -73,6 +77,14 @@ fn run(case: &str, policy: Policy) -> Result<Run> {
         default_sample_size: meta["default_sample_size"].as_u64().context("default_sample_size")? as usize,
     };
     let folder = ModelFolder { root: golden_dir().join("model"), llama: golden_dir().join("llama") };
+    Ok((folder, request, settings, meta))
+}
+
+fn run(case: &str, policy: Policy) -> Result<Run> {
+    let (folder, request, settings, meta) = setup(case, policy)?;
+    let size = |key: &str| -> Option<(usize, usize)> {
+        Some((meta[key]["width"].as_u64()? as usize, meta[key]["height"].as_u64()? as usize))
+    };
     let mut steps = Vec::new();
     let mut observe = |event: Event<'_>| {
         if let Event::StepFinished { latents, .. } = event {
@@ -109,25 +121,37 @@ fn check(case: &str) -> Result<()> {
     println!("{case}: {differing} of {} pixel values differ, by at most {worst}", pixels.len());
     assert!(worst <= 1 && differing * 200 <= pixels.len(), "{case}: pixels differ too much");
 
-    // The same run streaming under the tightest budget is bit-identical: the transformer's
-    // minimum, or the VAE decode's where that is larger (the VAE gets the whole budget too).
-    let cfg = hidream_weights::Checkpoint::open(&golden_dir().join("model/transformer"))?.config()?;
-    let table = UnitTable::new(&cfg, hidream_config::DType::F32, Precompute::PerPrompt);
-    let vae_config = VaeConfig::read(&golden_dir().join("model/vae/config.json"))?;
-    let (_, _, height, width) = generated.latents.dims4()?;
-    let latents = LatentSize { batch: 1, height, width };
-    let vae_minimum =
-        match DecodeOptions::for_budget(&vae_config, latents, candle_core::DType::F32, 0, &DecodeOptions::default()) {
-            Err(PipelineError::VaeBudgetTooSmall { minimum, .. }) => minimum,
-            other => return Err(anyhow!("a VAE decode fits 0 bytes: {other:?}")),
-        };
-    let minimum = Plan::minimum_budget(table.specs(), 1).max(vae_minimum);
-    println!("{case}: streaming under {minimum} bytes (VAE minimum {vae_minimum})");
+    // The same run under the pipeline's tightest exact budget, the largest of the stages' exact
+    // minimums (each stage's plan at prefetch depth 1, from the headers alone), is bit-identical,
+    // latents and image: the binding stage runs at its minimum, and every stage under one budget.
+    let (folder, request, settings, _) = setup(case, Policy::Budget { budget_bytes: u64::MAX, prefetch: 1 })?;
+    let stages = plan_stages(&folder, &request, &settings)?;
+    let minimum = stages.iter().map(|stage| stage.exact_minimum_budget).max().context("no stage")?;
+    let binding: Vec<&str> =
+        stages.iter().filter(|stage| stage.exact_minimum_budget == minimum).map(|stage| stage.stage.as_str()).collect();
+    println!("{case}: every stage under {minimum} bytes, the minimum of {binding:?}");
     let streamed = run(case, Policy::Budget { budget_bytes: minimum, prefetch: 1 })?;
+    ensure_bit_identical(
+        &format!("{case}: under the budget vs resident latents"),
+        &streamed.generated.latents,
+        &generated.latents,
+    )?;
+    ensure_bit_identical(
+        &format!("{case}: under the budget vs resident image"),
+        &streamed.generated.images,
+        &generated.images,
+    )?;
+    // And with every layer of every stage streamed (text encoders and transformer), the same.
+    let streamed = run(case, Policy::Stream { prefetch: 1 })?;
     ensure_bit_identical(
         &format!("{case}: streamed vs resident latents"),
         &streamed.generated.latents,
         &generated.latents,
+    )?;
+    ensure_bit_identical(
+        &format!("{case}: streamed vs resident image"),
+        &streamed.generated.images,
+        &generated.images,
     )?;
     Ok(())
 }
