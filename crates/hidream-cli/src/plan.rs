@@ -5,7 +5,7 @@
 //! holding only `config.json` is enough.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use hidream_config::{ActivationTerms, BlockKind, DType, Variant};
@@ -14,6 +14,12 @@ use hidream_pipeline::Precompute;
 use hidream_pipeline::planning::{
     Bound, ConfigSource, DeviceAssumptions, ImageSize, Phase, PlanReport, PlanRequest, SettingReport, percent,
 };
+
+use hidream_memory::Policy;
+use hidream_model::AttentionConfig;
+use hidream_pipeline::generate::{GenerateRequest, GenerateSettings, ModelFolder, StagePlan};
+use hidream_pipeline::runner::RunnerConfig;
+use hidream_pipeline::vae::DecodeOptions;
 
 use crate::parse;
 
@@ -51,6 +57,10 @@ pub struct PlanArgs {
     /// Evaluate attention in chunks of this many queries (bounds the score matrix); at least 1.
     #[arg(long, value_parser = parse::positive, allow_negative_numbers = true)]
     attention_chunk: Option<usize>,
+    /// With --model a pipeline folder: also plan every stage of `generate` (the text encoders, the
+    /// transformer, the VAE) under the budget, from this Llama folder's and the model's headers.
+    #[arg(long, requires = "model")]
+    llama: Option<PathBuf>,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -76,15 +86,94 @@ pub fn run(args: &PlanArgs) -> Result<()> {
         },
     };
     let report = PlanReport::new(&cfg, &source, &request)?;
+    let stages = match (&args.llama, &args.model) {
+        (Some(llama), Some(model)) => Some(plan_stages(args, model, llama, &report)?),
+        _ => None,
+    };
     let text = if args.json {
-        serde_json::to_string_pretty(&report)? + "\n"
+        let mut value = serde_json::to_value(&report)?;
+        if let Some(stages) = &stages {
+            value["stages"] = serde_json::to_value(stages)?;
+        }
+        serde_json::to_string_pretty(&value)? + "\n"
     } else {
         let mut text = String::new();
         render(&report, &mut text)?;
+        if let Some(stages) = &stages {
+            render_stages(stages, &mut text)?;
+        }
         text
     };
     crate::print_stdout(&text)?;
+    if let Some(stage) = stages.iter().flatten().find(|stage| stage.error.is_some()) {
+        anyhow::bail!("the {} stage cannot run: {}", stage.stage, stage.error.as_deref().unwrap_or_default());
+    }
     Ok(report.check_fits()?)
+}
+
+/// Every stage of `generate` for a pipeline folder, under the report's budget and the flags.
+fn plan_stages(args: &PlanArgs, model: &Path, llama: &Path, report: &PlanReport) -> Result<Vec<StagePlan>> {
+    let folder = ModelFolder { root: model.to_owned(), llama: llama.to_owned() };
+    let policy = match &report.budget {
+        Some(budget) => Policy::Budget { budget_bytes: budget.bytes, prefetch: args.prefetch },
+        None => Policy::All,
+    };
+    let request = GenerateRequest {
+        prompt: String::new(),
+        negative_prompt: None,
+        variant: args.variant,
+        size: Some((args.size.width, args.size.height)),
+        steps: None,
+        guidance: None,
+        seed: 0,
+        latents: None,
+        step_noise: None,
+    };
+    let settings = GenerateSettings {
+        transformer: RunnerConfig {
+            policy,
+            compute_dtype: args.dtype,
+            precompute: Precompute::PerPrompt,
+            attention: AttentionConfig { query_chunk: args.attention_chunk },
+        },
+        text_dtype: args.dtype,
+        vae_dtype: args.dtype,
+        vae: DecodeOptions::default(),
+        default_sample_size: 128,
+    };
+    Ok(hidream_pipeline::generate::plan_stages(&folder, &request, &settings)?)
+}
+
+fn render_stages(stages: &[StagePlan], out: &mut String) -> std::fmt::Result {
+    writeln!(out)?;
+    writeln!(out, "stages of `generate`, one after another under the same budget (weights in their compute dtype):")?;
+    writeln!(
+        out,
+        "  {:<12} {:>12} {:>12} {:>14} {:>14} {:>16}",
+        "stage", "weights", "minimum", "exact minimum", "peak", "streamed/pass"
+    )?;
+    for stage in stages {
+        let peak = stage.predicted_peak_bytes.map_or_else(|| "does not fit".to_owned(), format_bytes);
+        writeln!(
+            out,
+            "  {:<12} {:>12} {:>12} {:>14} {:>14} {:>16}",
+            stage.stage,
+            format_bytes(stage.weight_bytes),
+            format_bytes(stage.minimum_budget),
+            format_bytes(stage.exact_minimum_budget),
+            peak,
+            format_bytes(stage.streamed_bytes),
+        )?;
+    }
+    let largest = stages.iter().filter_map(|stage| stage.predicted_peak_bytes).max().unwrap_or(0);
+    let exact = stages.iter().map(|stage| stage.exact_minimum_budget).max().unwrap_or(0);
+    writeln!(
+        out,
+        "  the run's peak is its largest stage's: {}; the smallest budget with every stage exact: {}",
+        format_bytes(largest),
+        format_bytes(exact)
+    )?;
+    writeln!(out, "  (VAE: its weights plus the decode's activation estimate; the others: weights only)")
 }
 
 fn render(report: &PlanReport, out: &mut String) -> std::fmt::Result {

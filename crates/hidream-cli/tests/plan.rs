@@ -1,6 +1,7 @@
 //! `hidream plan`: the report of `hidream_pipeline::planning`, checked through the library, and
 //! two smoke tests that the binary prints that report (as text and as JSON).
 
+use std::path::Path;
 use std::process::{Command, Output};
 
 use hidream_config::{DType, TransformerConfig, Variant};
@@ -228,4 +229,50 @@ fn the_binary_fails_cleanly_when_nothing_fits() {
     assert!(stderr.starts_with("error: memory budget 100.00 MiB"), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(String::from_utf8_lossy(&output.stdout).contains("does not fit"));
+}
+
+/// `plan --llama` on a pipeline folder plans every stage of `generate` from the headers: one row per
+/// stage, the same figures in the JSON, and a budget one stage cannot fit is an error naming it.
+#[test]
+fn a_pipeline_folder_is_planned_stage_by_stage() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/golden/pipeline");
+    let (model, llama) = (golden.join("model"), golden.join("llama"));
+    let args = |budget: &str, json: bool| {
+        let mut args = vec!["plan", "--model", model.to_str().unwrap(), "--llama", llama.to_str().unwrap()];
+        args.extend(["--dtype", "f32", "--size", "64x64", "--budget", budget]);
+        if json {
+            args.push("--json");
+        }
+        args.into_iter().map(str::to_owned).collect::<Vec<_>>()
+    };
+    let run = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        hidream(&args)
+    };
+    let output = run(args("1GiB", true));
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let stages = report["stages"].as_array().unwrap();
+    let names: Vec<&str> = stages.iter().map(|stage| stage["stage"].as_str().unwrap()).collect();
+    assert_eq!(names, ["CLIP-L", "CLIP-G", "T5", "Llama", "transformer", "VAE decode"]);
+    for stage in stages {
+        let bytes = |key: &str| stage[key].as_u64().unwrap();
+        assert!(stage["error"].is_null(), "{stage}");
+        assert!(bytes("predicted_peak_bytes") <= 1 << 30, "{stage}");
+        assert!(bytes("minimum_budget") <= bytes("exact_minimum_budget"), "{stage}");
+        if stage["stage"] != "VAE decode" {
+            // Weights only: streaming needs no more than all of them, and 1 GiB holds them all.
+            assert!(bytes("minimum_budget") <= bytes("weight_bytes"), "{stage}");
+            assert!(bytes("predicted_peak_bytes") <= bytes("weight_bytes"), "{stage}");
+        }
+    }
+    let text = run(args("1GiB", false));
+    let stdout = String::from_utf8_lossy(&text.stdout);
+    assert!(stdout.contains("stages of `generate`") && stdout.contains("VAE decode"), "{stdout}");
+
+    // 1 MiB holds every text encoder but not the transformer: the error names it.
+    let output = run(args("1MiB", false));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("the transformer stage cannot run"), "{stderr}");
 }
