@@ -184,6 +184,9 @@ pub fn run(args: &GenerateArgs) -> Result<()> {
             "device": args.residency.device.to_string(),
             "transformer_plan": generated.plan,
             "stages": stages,
+            "transformer_stage": generated.transformer,
+            "vae_stage": generated.vae,
+            "peak_device_bytes": stages.iter().filter_map(|stage| stage["peak_device_bytes"].as_u64()).max(),
             "text_stages": generated.text_stages.iter().map(|stage| json!({
                 "encoder": stage.plan.encoder.name(),
                 "stem_bytes": stage.plan.stem_bytes,

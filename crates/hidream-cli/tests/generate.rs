@@ -77,6 +77,18 @@ fn generates_a_png_through_every_stage() {
     let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
     assert_eq!(stages, ["text encoders", "denoising", "vae decode"]);
     assert!(report["stages"][1]["peak_device_bytes"].as_u64().unwrap() > 0);
+    // The run's peak is its largest stage's, and each stage says what it held and streamed.
+    let stage_peaks: Vec<u64> =
+        report["stages"].as_array().unwrap().iter().map(|s| s["peak_device_bytes"].as_u64().unwrap()).collect();
+    assert_eq!(report["peak_device_bytes"].as_u64(), stage_peaks.iter().max().copied());
+    let transformer = &report["transformer_stage"];
+    assert!(transformer["bytes_streamed"].as_u64().unwrap() > 0, "--residency stream streams: {transformer}");
+    assert!(transformer["peak_weight_bytes"].as_u64().unwrap() > 0, "{transformer}");
+    assert!(report["vae_stage"]["weight_bytes"].as_u64().unwrap() > 0, "{}", report["vae_stage"]);
+    let text: Vec<&str> =
+        report["text_stages"].as_array().unwrap().iter().map(|s| s["encoder"].as_str().unwrap()).collect();
+    assert_eq!(text, ["CLIP-L", "CLIP-G", "T5", "Llama"]);
+    assert!(report["text_stages"].as_array().unwrap().iter().all(|s| s["bytes_streamed"].as_u64().unwrap() > 0));
 
     // The reproduction flags reproduce the golden run: same prompt, noise and schedule.
     let ours = hidream_weights::read_tensors(&latents_out, &candle_core::Device::Cpu).unwrap();

@@ -229,6 +229,34 @@ pub struct Generated {
     pub plan: String,
     /// What each text stage planned and measured (CLIP-L, CLIP-G, T5, Llama).
     pub text_stages: Vec<TextStageReport>,
+    /// What the transformer's stage held and streamed.
+    pub transformer: TransformerStageReport,
+    /// The VAE decode: its weights and predicted peak, and the options it ran with.
+    pub vae: VaeStageReport,
+}
+
+/// The denoising stage's weights, measured by its ledger and loader.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct TransformerStageReport {
+    /// The weights loaded once: the resident units.
+    pub resident_bytes: u64,
+    /// The ledger's peak of weight bytes (resident units, slots, the precomputation's layers).
+    pub peak_weight_bytes: u64,
+    /// Bytes loaded into slots over the whole stage (every step, and the precomputation's layers).
+    pub bytes_streamed: u64,
+    /// Time the steps waited on loads.
+    pub stall_seconds: f64,
+}
+
+/// The VAE stage as planned.
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct VaeStageReport {
+    pub weight_bytes: u64,
+    /// [`DecodeEstimate::total`](crate::vae::DecodeEstimate::total) of the options it ran with.
+    pub predicted_peak_bytes: u64,
+    pub tiled: bool,
+    pub attention_chunk: Option<usize>,
+    pub sliced: bool,
 }
 
 /// diffusers' rescaling of a requested size (kept here for callers of this module).
@@ -474,18 +502,45 @@ pub fn generate(
         observe(Event::StepFinished { step_idx, n_steps: steps, seconds, latents: &latents });
     }
     drop(prepared);
+    let mut stats = runner.stats();
+    stats.add(&runner.prepare_stats());
+    let transformer = TransformerStageReport {
+        resident_bytes: runner.plan().resident_bytes(),
+        peak_weight_bytes: runner.ledger().peak_bytes(),
+        bytes_streamed: stats.bytes_loaded,
+        stall_seconds: stats.stall_time.as_secs_f64(),
+    };
     drop(runner);
     observe(Event::StageFinished(Stage::Denoise, started.elapsed().as_secs_f64()));
 
     // 5. VAE.
     observe(Event::StageStarted(Stage::Vae));
     let started = Instant::now();
-    let vae = VaeDecoder::load(&folder.vae(), candle_dtype(settings.vae_dtype), device)?;
+    let vae_dtype = candle_dtype(settings.vae_dtype);
+    let vae = VaeDecoder::load(&folder.vae(), vae_dtype, device)?;
     let images = vae.decode(&latents, &vae_options)?;
+    let vae_report = VaeStageReport {
+        weight_bytes: vae_config.weight_bytes(vae_dtype),
+        predicted_peak_bytes: crate::vae::DecodeEstimate::new(&vae_config, decoded, vae_dtype, &vae_options)?.total(),
+        tiled: vae_options.tiling.is_some(),
+        attention_chunk: vae_options.attention_chunk,
+        sliced: vae_options.slicing,
+    };
     let pixels = postprocess(&images)?;
     observe(Event::StageFinished(Stage::Vae, started.elapsed().as_secs_f64()));
     let text_stages = embeds.stages;
-    Ok(Generated { images, pixels, latents, size: (width, height), steps, guidance, plan, text_stages })
+    Ok(Generated {
+        images,
+        pixels,
+        latents,
+        size: (width, height),
+        steps,
+        guidance,
+        plan,
+        text_stages,
+        transformer,
+        vae: vae_report,
+    })
 }
 
 /// The VAE's decode options: `settings.vae` as forced, the rest chosen by
