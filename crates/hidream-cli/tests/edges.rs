@@ -187,8 +187,9 @@ fn numeric(flag: &'static str, zero: Expect, hundred_thousand: Expect) -> Vec<(&
     cases
 }
 
-/// The budget flag's edges (the runtime reports a budget below the minimum).
-fn budget(too_small: &'static str) -> Vec<(&'static str, &'static str, Expect)> {
+/// The budget flag's edges (the runtime reports a budget below the minimum); `fits` is a budget
+/// the command runs under.
+fn budget(too_small: &'static str, fits: &'static str) -> Vec<(&'static str, &'static str, Expect)> {
     vec![
         ("--budget", "0", Fails(too_small)),
         ("--budget", HUGE, Fails("too large")),
@@ -199,7 +200,7 @@ fn budget(too_small: &'static str) -> Vec<(&'static str, &'static str, Expect)> 
         ("--budget", "1.5.3", Fails("more than one decimal point")),
         ("--budget", "", Fails("--budget")),
         ("--budget", "101%", Fails("between 0% and 100%")),
-        ("--budget", "60%", Runs),
+        ("--budget", fits, Runs),
     ]
 }
 
@@ -225,13 +226,21 @@ fn transformer_paths() -> Vec<(&'static str, &'static str, Expect)> {
     ]
 }
 
-/// The memory flags shared by forward, denoise and generate.
-fn residency(too_small: &'static str) -> Vec<(&'static str, &'static str, Expect)> {
-    let mut cases = budget(too_small);
+/// The prefetch cases of the transformer's commands: a depth, then a budget it runs under.
+const TRANSFORMER_PREFETCH: [&str; 2] = ["0 --budget 60%", "100000 --budget 60%"];
+
+/// The memory flags shared by forward, denoise and generate: `fits` is a budget the command runs
+/// under, and the two prefetch values are depth 0 and a huge depth, each followed by such a budget.
+fn residency(
+    too_small: &'static str,
+    fits: &'static str,
+    [prefetch_0, prefetch_huge]: [&'static str; 2],
+) -> Vec<(&'static str, &'static str, Expect)> {
+    let mut cases = budget(too_small, fits);
     // With a budget, the prefetch depth matters; 100000 is clamped or refused by the runtime.
     cases.extend([
-        ("--prefetch", "0 --budget 60%", Runs),
-        ("--prefetch", "100000 --budget 60%", Clean),
+        ("--prefetch", prefetch_0, Runs),
+        ("--prefetch", prefetch_huge, Clean),
         ("--prefetch", "100000 --residency stream", Clean),
         ("--prefetch", HUGE, Fails("--prefetch")),
     ]);
@@ -260,7 +269,7 @@ fn device() -> Vec<(&'static str, &'static str, Expect)> {
 fn forward_edges() {
     let base = ["forward", "--model", "{model}", "--inputs", "{inputs}", "--out", "{dir}/forward.safetensors"];
     let mut cases = transformer_paths();
-    cases.extend(residency("too small"));
+    cases.extend(residency("too small", "60%", TRANSFORMER_PREFETCH));
     cases.extend([
         ("--repeat", "0", Fails("--repeat")),
         ("--repeat", HUGE, Fails("--repeat")),
@@ -275,7 +284,7 @@ fn denoise_edges() {
     let base =
         ["denoise", "--model", "{model}", "--inputs", "{inputs}", "--out", "{dir}/denoise.safetensors", "--steps", "1"];
     let mut cases = transformer_paths();
-    cases.extend(residency("too small"));
+    cases.extend(residency("too small", "60%", TRANSFORMER_PREFETCH));
     cases.extend(numeric("--steps", Fails("--steps"), Fails("more than 1000")));
     cases.extend([
         ("--compare-to", "", Fails("--compare-to")),
@@ -304,7 +313,10 @@ fn generate_edges() {
         "--out",
         "{dir}/generate.png",
     ];
-    let mut cases = residency("too small");
+    // One budget holds for every stage: on this tiny pipeline the VAE decode needs more than the
+    // whole transformer, so a share of the transformer's weights never fits, and says which stage.
+    let mut cases = residency("too small", "8MiB", ["0 --budget 8MiB", "100000 --budget 8MiB"]);
+    cases.push(("--budget", "60%", Fails("the vae decode stage cannot run")));
     cases.extend([
         ("--size", "0x0", Fails("at least 1 pixel")),
         ("--size", "18446744073709551616x64", Fails("too large")),
@@ -376,7 +388,7 @@ fn plan_edges() {
         ("--size", "1.5.3", Fails("--size")),
         ("--size", "", Fails("--size")),
     ];
-    cases.extend(budget("fits neither setting"));
+    cases.extend(budget("fits neither setting", "60%"));
     cases.extend([
         ("--prefetch", "0 --budget 60%", Runs),
         ("--prefetch", "100000 --budget 60%", Clean),
