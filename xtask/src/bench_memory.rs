@@ -173,15 +173,17 @@ impl Setup {
 
     /// The setup as the baseline records it. The build profile is part of it: a streamed run's heap
     /// peak depends on how far the loader gets ahead of the compute, and so on the build's speed.
+    /// The CPU's keeps the form the baselines were recorded under (no device named), so that
+    /// their heap peaks stay gated; a GPU's names the device.
     fn describe(&self) -> String {
         let model = match self.layers {
             Some((double, single)) => format!("full preset sliced to {double} double + {single} single blocks"),
             None => format!("{} preset", self.preset_name()),
         };
+        let device = if self.device == "cpu" { String::new() } else { format!(" on {}", self.device) };
         format!(
-            "{model}, {} compute on {}, {} step(s), latent {}, {} T5 + {} Llama tokens, {} thread(s), {} build",
+            "{model}, {} compute{device}, {} step(s), latent {}, {} T5 + {} Llama tokens, {} thread(s), {} build",
             self.dtype(),
-            self.device,
             self.steps,
             self.latent,
             self.text_tokens,
