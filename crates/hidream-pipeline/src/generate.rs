@@ -31,7 +31,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use crate::runner::{RunnerConfig, TransformerRunner, candle_dtype};
 use crate::sampling::{pipeline_shift_for_transformer, scheduler_config_for_variant};
-use crate::vae::{DecodeOptions, LatentSize, VaeConfig, VaeDecoder, postprocess};
+use crate::vae::{DecodeEstimate, DecodeOptions, LatentSize, VaeConfig, VaeDecoder, postprocess};
 use crate::{PipelineError, Result};
 
 /// A HiDream-I1 model folder in the Hugging Face layout, plus the Llama folder it needs.
@@ -252,7 +252,7 @@ pub struct TransformerStageReport {
 #[derive(Debug, Clone, Copy, serde::Serialize)]
 pub struct VaeStageReport {
     pub weight_bytes: u64,
-    /// [`DecodeEstimate::total`](crate::vae::DecodeEstimate::total) of the options it ran with.
+    /// [`DecodeEstimate::total`] of the options it ran with.
     pub predicted_peak_bytes: u64,
     pub tiled: bool,
     pub attention_chunk: Option<usize>,
@@ -298,11 +298,11 @@ pub fn plan_stages(
     let prefetch = policy.prefetch_depth();
     let unbounded = hidream_memory::Policy::Budget { budget_bytes: u64::MAX, prefetch };
     let text_dtype = candle_dtype(settings.text_dtype);
+    let paths = folder.text_encoders();
     let mut stages = Vec::new();
     for encoder in hidream_text::TextEncoderKind::ALL {
-        let paths = folder.text_encoders();
         let sized = hidream_text::text_stage_plan(encoder, &paths, text_dtype, unbounded)?;
-        let under_policy = hidream_text::text_stage_plan(encoder, &paths, text_dtype, policy);
+        let under_policy = sized.with_policy(policy);
         stages.push(StagePlan {
             stage: encoder.name().to_owned(),
             weight_bytes: sized.weight_bytes(),
@@ -400,7 +400,7 @@ pub fn generate(
         .map_err(|err| err.in_stage(Stage::Denoise))?;
     // So are the VAE's decode options, for the latents' size.
     let decoded = LatentSize { batch: latent_shape.0, height: latent_shape.2, width: latent_shape.3 };
-    let vae_options =
+    let (vae_options, vae_estimate) =
         vae_options_for(&vae_config, decoded, settings, device, observe).map_err(|err| err.in_stage(Stage::Vae))?;
 
     // 2. Text.
@@ -521,7 +521,7 @@ pub fn generate(
     let images = vae.decode(&latents, &vae_options)?;
     let vae_report = VaeStageReport {
         weight_bytes: vae_config.weight_bytes(vae_dtype),
-        predicted_peak_bytes: crate::vae::DecodeEstimate::new(&vae_config, decoded, vae_dtype, &vae_options)?.total(),
+        predicted_peak_bytes: vae_estimate.total(),
         tiled: vae_options.tiling.is_some(),
         attention_chunk: vae_options.attention_chunk,
         sliced: vae_options.slicing,
@@ -546,24 +546,28 @@ pub fn generate(
 /// The VAE's decode options: `settings.vae` as forced, the rest chosen by
 /// [`DecodeOptions::for_budget`] under the run's budget (the whole of it: the stages run one after
 /// another and each frees its weights), or on a GPU without one, its free memory. On the CPU
-/// without a budget, `settings.vae` as is. A notice says when tiling was chosen to fit.
+/// without a budget, `settings.vae` as is. A notice says when tiling was chosen to fit. Returns the
+/// options with their memory estimate.
 fn vae_options_for(
     config: &VaeConfig,
     latents: LatentSize,
     settings: &GenerateSettings,
     device: &Device,
     observe: &mut dyn FnMut(Event<'_>),
-) -> Result<DecodeOptions> {
+) -> Result<(DecodeOptions, DecodeEstimate)> {
+    let dtype = candle_dtype(settings.vae_dtype);
     let budget = match settings.transformer.policy {
         hidream_memory::Policy::Budget { budget_bytes, .. } => Some(budget_bytes),
         _ => hidream_device::device_memory(device).map(|memory| memory.total.saturating_sub(memory.driver_used)),
     };
-    let Some(budget) = budget else { return Ok(settings.vae) };
-    let choice = DecodeOptions::for_budget(config, latents, candle_dtype(settings.vae_dtype), budget, &settings.vae)?;
+    let Some(budget) = budget else {
+        return Ok((settings.vae, DecodeEstimate::new(config, latents, dtype, &settings.vae)?));
+    };
+    let choice = DecodeOptions::for_budget(config, latents, dtype, budget, &settings.vae)?;
     if let Some(notice) = choice.notice(budget) {
         observe(Event::Notice(notice));
     }
-    Ok(choice.options)
+    Ok((choice.options, choice.estimate))
 }
 
 fn check_shape(what: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {

@@ -87,6 +87,14 @@ impl TextStagePlan {
         self.stem_bytes.saturating_add(self.plan.peak_weight_bytes())
     }
 
+    /// The same stage under `policy`, from the layers and stem already read: no file is opened
+    /// again. Fails as [`text_stage_plan`] does for a budget below the stage's minimum.
+    pub fn with_policy(&self, policy: Policy) -> Result<TextStagePlan> {
+        let (plan, minimum_budget) =
+            plan_layers(self.encoder.name(), &self.folder, self.stem_bytes, &self.layers, policy)?;
+        Ok(TextStagePlan { plan, minimum_budget, ..self.clone() })
+    }
+
     /// Every weight the stage loads: the stem and every layer once.
     pub fn weight_bytes(&self) -> u64 {
         self.layers.iter().fold(self.stem_bytes, |sum, layer| sum.saturating_add(layer.bytes))

@@ -171,7 +171,7 @@ impl Checkpoint {
     fn read_located<T: ReadDType>(&self, name: &str, location: &Location, dst: &mut [T]) -> Result<()> {
         let path = self.shard_path(location);
         let entry = &location.entry;
-        stored_dtype(path, name, entry.dtype)?;
+        let stored = stored_dtype(path, name, entry.dtype)?;
         let expected: usize = entry.shape.iter().product();
         if dst.len() != expected {
             return Err(WeightsError::LengthMismatch {
@@ -194,7 +194,7 @@ impl Checkpoint {
         // Positioned reads, never the map: a shard truncated under the run is `ShardChanged` here,
         // where touching the map past its new end would kill the process with SIGBUS.
         let start = range.start as u64;
-        if cfg!(target_endian = "little") && stored_dtype(path, name, entry.dtype)? == T::DTYPE {
+        if cfg!(target_endian = "little") && stored == T::DTYPE {
             return self.pread(location, name, start, bytes_mut(dst));
         }
         // Converted on the way in: each chunk is read into a small aligned scratch buffer, that
